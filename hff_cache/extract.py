@@ -1,0 +1,200 @@
+"""Stage one: run the frozen encoder once over the intake and write the feature cache.
+
+audio (threads: decode + resample) -> length-sorted batches -> encoder (inference mode)
+-> real frames only -> CacheWriter (parts, commit marker last).
+
+Resume is free: committed utterances are skipped, so rerunning the same command after a
+crash, a full disk or a kill continues where it stopped, and a finished cache is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hff_cache.audio import AudioError, load_audio
+from hff_cache.cache import CacheMeta, CacheWriter, CodecSpec, get_codec
+from hff_cache.config import ExtractConfig
+from hff_cache.data import Utterance, intake_fingerprint, load_intake
+from hff_cache.encoders import SpeechEncoder, load_encoder
+
+
+@dataclass
+class ExtractReport:
+    cache: str
+    total: int  # utterances in this shard's intake
+    already_done: int
+    extracted: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    @property
+    def realtime_factor(self) -> float:
+        return self.audio_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA device is visible (use --device cpu)")
+    return torch.device(device)
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Half precision on GPU by default; CPU stays in float32 (CPU autocast is slower here)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def shard_utterances(utts: Sequence[Utterance], num_shards: int, shard_index: int) -> list[Utterance]:
+    """Balance shards by total duration (longest first, each to the lightest shard): deterministic."""
+    if num_shards == 1:
+        return list(utts)
+    loads = [0.0] * num_shards
+    mine = []
+    for u in sorted(utts, key=lambda u: (-u.duration, u.id)):
+        s = min(range(num_shards), key=lambda i: (loads[i], i))
+        loads[s] += max(u.duration, 1e-3)
+        if s == shard_index:
+            mine.append(u)
+    return mine
+
+
+def make_batches(utts: Sequence[Utterance], batch_seconds: float) -> list[list[Utterance]]:
+    """Similar lengths together, longest first (so memory errors show up at once); the padded
+    cost (longest x count) stays under `batch_seconds`."""
+    ordered = sorted(utts, key=lambda u: (-u.duration, u.id))
+    batches: list[list[Utterance]] = []
+    current: list[Utterance] = []
+    for u in ordered:
+        longest = current[0].duration if current else u.duration
+        if current and longest * (len(current) + 1) > batch_seconds:
+            batches.append(current)
+            current = []
+        current.append(u)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _load(u: Utterance, rate: int, max_seconds: float) -> np.ndarray:
+    if u.samples is not None:
+        return load_audio(u.samples, rate, source_rate=u.sample_rate, max_seconds=max_seconds, name=u.id)
+    return load_audio(u.audio, rate, max_seconds=max_seconds, name=f"{u.id} ({u.audio})")
+
+
+def _prefetch(batches: list[list[Utterance]], rate: int, cfg: ExtractConfig
+              ) -> Iterator[tuple[list[Utterance], list[np.ndarray | AudioError]]]:
+    """Decode audio of the next batches in threads while the encoder runs (soundfile and soxr
+    release the GIL)."""
+
+    def load_batch(batch: list[Utterance]) -> list[np.ndarray | AudioError]:
+        out: list[np.ndarray | AudioError] = []
+        for u in batch:
+            try:
+                out.append(_load(u, rate, cfg.max_seconds))
+            except AudioError as exc:
+                out.append(exc)
+        return out
+
+    with ThreadPoolExecutor(max(1, cfg.loader_threads)) as pool:
+        futures = [pool.submit(load_batch, b) for b in batches[: cfg.loader_threads + 1]]
+        for i, batch in enumerate(batches):
+            nxt = i + len(futures)
+            if nxt < len(batches):
+                futures.append(pool.submit(load_batch, batches[nxt]))
+            yield batch, futures[i].result()
+            futures[i] = None  # type: ignore[call-overload]  # free decoded audio early
+
+
+def encode_batch(encoder: SpeechEncoder, waves: Sequence[np.ndarray], layers: Sequence[int],
+                 device: torch.device, precision: str = "auto") -> list[np.ndarray]:
+    """Run the encoder on a batch; return per utterance an array (n_layers, T_real, D) float32."""
+    batch = encoder.prepare(waves).to(device)
+    with torch.inference_mode(), autocast_for(device, precision):
+        states = encoder(batch, layers)
+    stacked = torch.stack(states, dim=0).float().cpu()  # (n_layers, B, T, D)
+    lengths = batch.frame_lengths.cpu().tolist()
+    return [stacked[:, i, :n].numpy() for i, n in enumerate(lengths)]
+
+
+def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> ExtractReport:
+    """Extract `cfg.data` into the cache at `cfg.out`; resumable and idempotent."""
+    start = time.perf_counter()
+    utts = shard_utterances(load_intake(cfg.data), cfg.num_shards, cfg.shard_index)
+    device = resolve_device(cfg.device)
+    encoder = encoder if encoder is not None else load_encoder(cfg.model, device)
+    encoder = encoder.to(device)
+    layers = cfg.layers if cfg.layers is not None else list(range(encoder.num_hidden_states))
+    codec = get_codec(cfg.codec)
+    meta = CacheMeta(
+        encoder=encoder.info,
+        layers=list(layers),
+        codec=CodecSpec(codec.name, codec.params),
+        batching={"policy": "length-sorted, masked: batched output equals single-utterance output",
+                  "batch_seconds": cfg.batch_seconds, "precision": cfg.precision, "device": device.type},
+    )
+    writer = CacheWriter(cfg.out, meta, worker=f"w{cfg.shard_index:03d}", part_frames=cfg.part_frames,
+                         intake_fingerprint=intake_fingerprint(utts), storage_options=cfg.storage_options)
+    done = writer.done_ids()
+    todo = [u for u in utts if u.id not in done]
+    report = ExtractReport(cfg.out, total=len(utts), already_done=len(utts) - len(todo))
+    if not todo:
+        writer.close()
+        report.wall_seconds = time.perf_counter() - start
+        return report
+    batches = make_batches(todo, cfg.batch_seconds)
+    bar = _progress(todo, cfg.progress and _is_main_process())
+    try:
+        for batch, loaded in _prefetch(batches, encoder.info.sample_rate, cfg):
+            good = [(u, w) for u, w in zip(batch, loaded, strict=True) if not isinstance(w, AudioError)]
+            for u, w in zip(batch, loaded, strict=True):
+                if isinstance(w, AudioError):
+                    if cfg.on_error == "raise":
+                        raise w
+                    writer.skip(u.id, u.audio, w.reason)
+                    report.skipped.append({"id": u.id, "audio": u.audio, "reason": w.reason})
+            if good:
+                feats = encode_batch(encoder, [w for _, w in good], layers, device, cfg.precision)
+                for (u, w), f in zip(good, feats, strict=True):
+                    writer.add(u.id, f, text=u.text, meta=u.meta, num_samples=len(w))
+                    report.audio_seconds += len(w) / encoder.info.sample_rate
+            report.extracted += len(good)
+            if bar is not None:
+                bar.update(sum(u.duration for u in batch))
+                bar.set_postfix_str(f"{report.extracted + len(report.skipped)}/{len(todo)} utt")
+    finally:
+        # Commit what is buffered even when an error stops us: nothing done is lost.
+        writer.close()
+        if bar is not None:
+            bar.close()
+    report.wall_seconds = time.perf_counter() - start
+    return report
+
+
+def _progress(todo: Sequence[Utterance], enabled: bool):  # noqa: ANN202 - tqdm or None
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    # Progress in audio seconds: the rate reads as audio-s/s and the ETA follows the audio left.
+    total = sum(u.duration for u in todo)
+    return tqdm(total=round(total, 1), unit="audio-s", unit_scale=True, desc="extract", dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0"
