@@ -53,7 +53,7 @@ def extract(
 ) -> None:
     """Run a frozen encoder once over DATA and store its hidden states in a Zarr cache (resumable)."""
     from hff_cache.audio import AudioError
-    from hff_cache.cache import CacheError
+    from hff_cache.cache import CacheFormatError, CacheMismatchError, CacheWriteError
     from hff_cache.data import IntakeError
     from hff_cache.extract import extract as run_extract
 
@@ -66,7 +66,8 @@ def extract(
     )
     try:
         report = run_extract(cfg)
-    except (AudioError, IntakeError, CacheError, FileNotFoundError, ValueError) as exc:
+    except (AudioError, IntakeError, CacheFormatError, CacheMismatchError, CacheWriteError, FileNotFoundError,
+            ValueError) as exc:
         _fail(str(exc))
     if report.extracted == 0 and not report.skipped:
         typer.echo(f"{out}: complete, nothing to do ({report.already_done} utterances already cached)")
@@ -85,11 +86,11 @@ def info(
     storage_option: list[str] = typer.Option([], "--storage-option", help="fsspec option key=value"),
 ) -> None:
     """Summarise a feature cache: utterances, frames, layers, codec, size, model."""
-    from hff_cache.cache import CacheError, CacheReader
+    from hff_cache.cache import CacheFormatError, CacheReader
 
     try:
         summary = CacheReader(cache, storage_options=_storage_options(storage_option)).info()
-    except (CacheError, FileNotFoundError) as exc:
+    except (CacheFormatError, FileNotFoundError) as exc:
         _fail(str(exc))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

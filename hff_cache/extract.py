@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from hff_cache.audio import AudioError, load_audio
-from hff_cache.cache import CacheMeta, CacheWriter, CodecSpec, get_codec
+from hff_cache.cache import CacheMeta, CacheReader, CacheWriter, CodecSpec, get_codec
 from hff_cache.config import ExtractConfig
 from hff_cache.data import Utterance, intake_fingerprint, load_intake
 from hff_cache.encoders import SpeechEncoder, load_encoder
@@ -110,14 +110,13 @@ def _prefetch(batches: list[list[Utterance]], rate: int, cfg: ExtractConfig
                 out.append(exc)
         return out
 
+    depth = max(1, cfg.loader_threads) + 1  # batches decoded ahead of the encoder
     with ThreadPoolExecutor(max(1, cfg.loader_threads)) as pool:
-        futures = [pool.submit(load_batch, b) for b in batches[: cfg.loader_threads + 1]]
+        pending = {i: pool.submit(load_batch, b) for i, b in enumerate(batches[:depth])}
         for i, batch in enumerate(batches):
-            nxt = i + len(futures)
-            if nxt < len(batches):
-                futures.append(pool.submit(load_batch, batches[nxt]))
-            yield batch, futures[i].result()
-            futures[i] = None  # type: ignore[call-overload]  # free decoded audio early
+            if i + depth < len(batches):
+                pending[i + depth] = pool.submit(load_batch, batches[i + depth])
+            yield batch, pending.pop(i).result()
 
 
 def encode_batch(encoder: SpeechEncoder, waves: Sequence[np.ndarray], layers: Sequence[int],
@@ -135,6 +134,10 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
     """Extract `cfg.data` into the cache at `cfg.out`; resumable and idempotent."""
     start = time.perf_counter()
     utts = shard_utterances(load_intake(cfg.data), cfg.num_shards, cfg.shard_index)
+    if encoder is None and _already_complete(cfg, utts):
+        # The immediate no-op: a finished cache answers without loading the model.
+        return ExtractReport(cfg.out, total=len(utts), already_done=len(utts),
+                             wall_seconds=time.perf_counter() - start)
     device = resolve_device(cfg.device)
     encoder = encoder if encoder is not None else load_encoder(cfg.model, device)
     encoder = encoder.to(device)
@@ -183,6 +186,20 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
             bar.close()
     report.wall_seconds = time.perf_counter() - start
     return report
+
+
+def _already_complete(cfg: ExtractConfig, utts: Sequence[Utterance]) -> bool:
+    try:
+        reader = CacheReader(cfg.out, storage_options=cfg.storage_options)
+    except Exception:  # no cache yet (or unreadable: the writer reports that properly)
+        return False
+    meta = reader.meta
+    if meta.encoder.name != cfg.model or meta.codec.name != cfg.codec:
+        return False
+    if cfg.layers is not None and list(meta.layers) != list(cfg.layers):
+        return False
+    done = set(reader.ids) | {item["id"] for item in reader.skipped()}
+    return all(u.id in done for u in utts)
 
 
 def _progress(todo: Sequence[Utterance], enabled: bool):  # noqa: ANN202 - tqdm or None
