@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Optional
 
 import typer
 
@@ -37,18 +36,19 @@ def extract(
     data: str = typer.Option(..., "--data", "-d", help="Manifest (.jsonl/.csv/.tsv), LibriSpeech folder, "
                              "audio folder, or a datasets folder saved with save_to_disk"),
     out: str = typer.Option(..., "--out", "-o", help="Cache path or fsspec URL (s3://bucket/prefix)"),
-    layers: Optional[str] = typer.Option(None, help="Hidden states to store: 'all' (default), '0,3,6', '0-4'"),
+    layers: str | None = typer.Option(None, help="Hidden states to store: 'all' (default), '0,3,6', '0-4'"),
     codec: str = typer.Option(ExtractConfig.codec, help="fp16 | int8 | int4"),
     batch_seconds: float = typer.Option(ExtractConfig.batch_seconds, help="Padded audio seconds per batch"),
     device: str = typer.Option(ExtractConfig.device, help="auto | cpu | cuda"),
     precision: str = typer.Option(ExtractConfig.precision, help="auto | fp32 | bf16 | fp16"),
     on_error: str = typer.Option(ExtractConfig.on_error, help="raise | skip (record bad items and go on)"),
     max_seconds: float = typer.Option(ExtractConfig.max_seconds, help="Longest utterance accepted"),
-    num_shards: Optional[int] = typer.Option(None, help="Split into N duration-balanced shards "
+    num_shards: int | None = typer.Option(None, help="Split into N duration-balanced shards "
                                              "(default: torchrun's WORLD_SIZE, else 1)"),
-    shard_index: Optional[int] = typer.Option(None, help="This worker's shard (default: RANK, else 0)"),
+    shard_index: int | None = typer.Option(None, help="This worker's shard (default: RANK, else 0)"),
     storage_option: list[str] = typer.Option([], "--storage-option", help="fsspec option key=value "
                                              "(repeatable), e.g. endpoint_url=http://127.0.0.1:9000"),
+    part_frames: int = typer.Option(ExtractConfig.part_frames, help="Frames per committed part"),
     progress: bool = typer.Option(True, help="Show a progress bar"),
 ) -> None:
     """Run a frozen encoder once over DATA and store its hidden states in a Zarr cache (resumable)."""
@@ -62,7 +62,7 @@ def extract(
         device=device, precision=precision, on_error=on_error, max_seconds=max_seconds,
         num_shards=num_shards if num_shards is not None else int(os.environ.get("WORLD_SIZE", 1)),
         shard_index=shard_index if shard_index is not None else int(os.environ.get("RANK", 0)),
-        storage_options=_storage_options(storage_option), progress=progress,
+        storage_options=_storage_options(storage_option), progress=progress, part_frames=part_frames,
     )
     try:
         report = run_extract(cfg)

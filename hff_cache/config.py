@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import platform
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hff_cache.fusion import FusionConfig
 
 
 @dataclass
@@ -78,3 +81,84 @@ def parse_layers(spec: str | None) -> list[int] | None:
         else:
             out.add(int(piece))
     return sorted(out)
+
+
+def _fusion_default() -> FusionConfig:
+    from hff_cache.fusion import FusionConfig  # lazy: keeps `import hff_cache.config` free of torch
+
+    return FusionConfig()
+
+
+@dataclass
+class TrainConfig:
+    """`hff-cache train`: fusion + head on cached features (the online mode reuses the same loop).
+
+    Fields fall in three kinds: what defines the model and data (compared on --resume), the optimisation
+    recipe, and run control (device, workers, resume/force), which may change between invocations.
+    """
+
+    cache: str = ""  # training feature cache (path or URL)
+    valid_cache: str | None = None  # validation cache; None = no validation (best = last)
+    out: str = "runs/train"  # run directory
+    task: str = "asr"  # asr | phones | classify:FIELD
+    labels: str | None = None  # JSONL {"id": ..., <field>: ...}; covers train and valid ids
+    layers: list[int] | None = None  # stored hidden states the model reads; None = all stored
+    fusion: FusionConfig = field(default_factory=_fusion_default)
+    pooling: str = "mean"  # classifier pooling: mean | attention
+    normalize: str = "none"  # none | stats (standardise each layer with the cache's mean/std)
+    # optimisation
+    epochs: int = 20
+    lr: float = 1e-3  # AdamW, every parameter except the layer-weight logits
+    fusion_lr: float = 1e-2  # layer-weight logits (softmax over layers): few parameters, need to move far
+    weight_decay: float = 0.01  # matrices only; biases, norms and layer logits are not decayed
+    lr_schedule: str = "cosine"  # cosine (to min_lr_ratio * lr over `epochs`) | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 5.0  # max global grad norm; 0 disables
+    batch_frames: int = 20_000  # padded frames per batch (max length x utterances)
+    max_batch_utts: int = 64
+    spec_time_masks: int = 2  # time masks per utterance (shared across layers)
+    spec_time_width: int = 20  # max frames per time mask (0.4 s at 50 Hz)
+    spec_feat_masks: int = 0
+    spec_feat_width: int = 0
+    seed: int = 0
+    # data and run control
+    in_memory: bool | str = "auto"  # True | False | "auto" (load once as float16 when it fits in RAM)
+    shuffle_frames: int = 100_000  # frames pooled (then length-sorted) per shuffle window
+    num_workers: int = 2  # decode threads when streaming from the cache
+    prefetch: int = 4  # batches decoded ahead (bounded queue)
+    device: str = "auto"  # auto | cpu | cuda
+    eval_every: int = 1  # validate every N epochs (and after the last)
+    resume: bool = False
+    force: bool = False  # start over in a run directory that holds another run
+
+    # Fields that may differ between the run on disk and a --resume of it.
+    RUNTIME_FIELDS = ("out", "epochs", "in_memory", "num_workers", "prefetch", "device", "eval_every",
+                      "resume", "force", "cache", "valid_cache")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fusion, dict):
+            from hff_cache.fusion import FusionConfig
+
+            self.fusion = FusionConfig(**self.fusion)
+        if isinstance(self.in_memory, str):
+            low = self.in_memory.strip().lower()
+            mapping = {"auto": "auto", "true": True, "yes": True, "1": True, "false": False, "no": False,
+                       "0": False}
+            if low not in mapping:
+                raise ValueError(f"in_memory must be true, false or auto, not {self.in_memory!r}")
+            self.in_memory = mapping[low]
+        task = self.task.strip()
+        if not (task in ("asr", "phones") or (task.startswith("classify:") and len(task) > 9)):
+            raise ValueError(f"task must be asr, phones or classify:FIELD, not {self.task!r}")
+        if self.normalize not in ("none", "stats"):
+            raise ValueError(f"normalize must be 'none' or 'stats', not {self.normalize!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}")
+        if self.epochs < 1 or self.batch_frames < 1 or self.max_batch_utts < 1:
+            raise ValueError("epochs, batch_frames and max_batch_utts must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; unknown keys (from a newer version) are ignored."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

@@ -181,8 +181,9 @@ def load_hf_encoder(name_or_path: str, *, local_files_only: bool = True) -> Spee
             f"cannot load model {name_or_path!r}: not a local model folder and not in the Hugging Face cache "
             f"(no network here). Download it elsewhere and pass its folder. ({exc})") from None
     if config.model_type == "whisper":
-        from hff_cache.encoders.whisper import WhisperSpeechEncoder
         from transformers import WhisperModel
+
+        from hff_cache.encoders.whisper import WhisperSpeechEncoder
 
         model = WhisperModel.from_pretrained(name_or_path, local_files_only=local_files_only)
         return WhisperSpeechEncoder(model.encoder, name_or_path, revision=_revision(name_or_path))

@@ -1,0 +1,41 @@
+"""The feature cache: the one place that knows the on-disk format (see docs/cache_format.md).
+
+numpy + zarr only; nothing here imports torch or training code.
+"""
+
+from .codecs import CODECS, Codec, FP16Codec, Int4Codec, Int8Codec, get_codec, register_codec
+from .format import (
+    FORMAT_VERSION,
+    CacheFormatError,
+    CacheMeta,
+    CacheMismatchError,
+    CacheWriteError,
+    CodecSpec,
+    EncoderInfo,
+    cache_id,
+    check_compatible,
+)
+from .reader import CacheReader, PartInfo
+from .writer import CacheWriter
+
+__all__ = [
+    "CODECS",
+    "FORMAT_VERSION",
+    "CacheFormatError",
+    "CacheMeta",
+    "CacheMismatchError",
+    "CacheReader",
+    "CacheWriteError",
+    "CacheWriter",
+    "Codec",
+    "CodecSpec",
+    "EncoderInfo",
+    "FP16Codec",
+    "Int4Codec",
+    "Int8Codec",
+    "PartInfo",
+    "cache_id",
+    "check_compatible",
+    "get_codec",
+    "register_codec",
+]

@@ -1,0 +1,190 @@
+"""Feature codecs: how one part's (N, D) float32 layer becomes stored arrays, and back.
+
+A codec's ``encode`` returns ``{suffix: array}``; the key ``"layer"`` is the per-frame array (stored as
+``layer_kk``, chunked along frames), every other key is a small per-part side array (stored as
+``<suffix>_kk``). ``decode`` reads only the frames in ``rows`` from the per-frame array, so the reader can
+pass zarr arrays and decompress only the chunks it needs. Codecs are looked up by name, so adding one never
+requires rewriting existing caches.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from zarr.codecs import ZstdCodec
+
+from .format import ZSTD_LEVEL, CacheFormatError
+
+MAIN = "layer"
+
+
+def _zstd_pipeline(level: int, shuffle_bytes: int = 0) -> list[Any]:
+    if not shuffle_bytes:
+        return [ZstdCodec(level=level)]
+    # Byte shuffle groups the high (sign/exponent) bytes of float16 values, which zstd compresses much
+    # better than the noisy mantissa bytes: ~6-8% smaller on encoder-like data (see docs/cache_format.md).
+    from zarr.codecs.numcodecs import Shuffle
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not in the Zarr v3 spec": our reader reads it
+        return [Shuffle(elementsize=shuffle_bytes), ZstdCodec(level=level)]
+
+
+class Codec:
+    """Base class. Subclasses set ``name``, ``dtype`` and ``bytes_per_value`` (nominal, before zstd)."""
+
+    name: str = ""
+    dtype: np.dtype = np.dtype("float32")
+    bytes_per_value: float = 4.0
+    # Largest magnitude the codec can store; the writer rejects larger inputs per utterance.
+    max_abs: float = float("inf")
+    # Buffering float16 is lossless only when the codec stores float16 anyway.
+    buffer_dtype: np.dtype = np.dtype("float32")
+    # Per-part side arrays written next to each layer (``<suffix>_kk``), read whole by the reader.
+    side_suffixes: tuple[str, ...] = ()
+
+    def __init__(self, level: int = ZSTD_LEVEL) -> None:
+        self.level = int(level)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"level": self.level}
+
+    def compressors(self) -> list[Any]:
+        """zarr compressors for the per-frame array."""
+        return _zstd_pipeline(self.level)
+
+    def row_shape(self, dim: int) -> tuple[int, ...]:
+        return (dim,)
+
+    def check_dim(self, dim: int) -> None:
+        pass
+
+    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def decode(self, stored: dict[str, Any], rows: slice) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params})"
+
+
+class FP16Codec(Codec):
+    name = "fp16"
+    dtype = np.dtype("float16")
+    bytes_per_value = 2.0
+    max_abs = float(np.finfo(np.float16).max)
+    buffer_dtype = np.dtype("float16")
+
+    def __init__(self, level: int = ZSTD_LEVEL, shuffle: bool = True) -> None:
+        super().__init__(level)
+        self.shuffle = bool(shuffle)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"level": self.level, "shuffle": self.shuffle}
+
+    def compressors(self) -> list[Any]:
+        return _zstd_pipeline(self.level, 2 if self.shuffle else 0)
+
+    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {MAIN: np.asarray(x).astype(np.float16, copy=False)}
+
+    def decode(self, stored: dict[str, Any], rows: slice) -> np.ndarray:
+        return np.asarray(stored[MAIN][rows], dtype=np.float32)
+
+
+def _symmetric_scales(x: np.ndarray, qmax: int) -> np.ndarray:
+    # Per-dimension scales: a few outlier dimensions in transformer hidden states are 10-100x larger than
+    # the rest, so one global scale would leave the typical dimension only a couple of levels.
+    absmax = np.abs(x).max(axis=0).astype(np.float32) if len(x) else np.zeros(x.shape[1], np.float32)
+    scale = absmax / np.float32(qmax)
+    scale[scale == 0] = 1.0  # an all-zero dimension decodes to zero whatever the scale
+    return scale.astype(np.float32)
+
+
+def _quantize(x: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
+    q = np.rint(np.asarray(x, dtype=np.float32) / scale)
+    return np.clip(q, -qmax, qmax).astype(np.int8)
+
+
+class Int8Codec(Codec):
+    """Symmetric int8, one float32 scale per dimension per part (absmax / 127)."""
+
+    name = "int8"
+    dtype = np.dtype("int8")
+    bytes_per_value = 1.0
+    side_suffixes = ("scale",)
+
+    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        scale = _symmetric_scales(x, 127)
+        return {MAIN: _quantize(x, scale, 127), "scale": scale}
+
+    def decode(self, stored: dict[str, Any], rows: slice) -> np.ndarray:
+        q = np.asarray(stored[MAIN][rows])
+        scale = np.asarray(stored["scale"][...], dtype=np.float32)
+        return q.astype(np.float32) * scale
+
+
+class Int4Codec(Codec):
+    """Symmetric 4-bit (-7..7), per-dimension scales (absmax / 7), two values per uint8.
+
+    Dimension 2j goes in the low nibble, 2j+1 in the high nibble, each stored as q + 8 (1..15).
+    D must be even.
+    """
+
+    name = "int4"
+    dtype = np.dtype("uint8")
+    bytes_per_value = 0.5
+    side_suffixes = ("scale",)
+
+    def row_shape(self, dim: int) -> tuple[int, ...]:
+        return (dim // 2,)
+
+    def check_dim(self, dim: int) -> None:
+        if dim % 2:
+            raise ValueError(f"int4 packs two dimensions per byte and needs an even hidden size, got {dim}")
+
+    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self.check_dim(x.shape[1])
+        scale = _symmetric_scales(x, 7)
+        u = (_quantize(x, scale, 7).astype(np.int16) + 8).astype(np.uint8)
+        packed = u[:, 0::2] | (u[:, 1::2] << 4)
+        return {MAIN: packed.astype(np.uint8), "scale": scale}
+
+    def decode(self, stored: dict[str, Any], rows: slice) -> np.ndarray:
+        b = np.asarray(stored[MAIN][rows])
+        scale = np.asarray(stored["scale"][...], dtype=np.float32)
+        out = np.empty((b.shape[0], b.shape[1] * 2), dtype=np.float32)
+        out[:, 0::2] = (b & 0x0F).astype(np.float32) - 8
+        out[:, 1::2] = (b >> 4).astype(np.float32) - 8
+        return out * scale
+
+
+CODECS: dict[str, Callable[..., Codec]] = {
+    "fp16": FP16Codec,
+    "int8": Int8Codec,
+    "int4": Int4Codec,
+}
+
+
+def register_codec(name: str, factory: Callable[..., Codec]) -> None:
+    """Add a codec. Existing caches keep decoding with the codec they name, so nothing is rewritten."""
+    CODECS[name] = factory
+
+
+def get_codec(name: str, **params: Any) -> Codec:
+    """Codec by registry name; ``params`` are the ones recorded in the cache's ``codec.params``."""
+    if name not in CODECS:
+        raise CacheFormatError(
+            f"unknown codec {name!r} (known: {', '.join(sorted(CODECS))}); "
+            "a cache written with a newer codec needs a newer hff-cache to read it"
+        )
+    try:
+        return CODECS[name](**params)
+    except TypeError as e:
+        raise CacheFormatError(f"bad parameters for codec {name!r}: {params} ({e})") from e

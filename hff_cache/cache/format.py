@@ -1,0 +1,203 @@
+"""Cache format version 1: metadata dataclasses, constants, errors and the compatibility check.
+
+Everything that names a key in the store lives here or in ``codecs.py``, so the writer and the reader
+cannot drift apart. See docs/cache_format.md for the specification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import zlib
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+ROOT_KEY = "hff_cache"  # the single root attribute that holds CacheMeta
+PARTS = "parts"
+INDEX_ARRAYS = ("ids", "offsets", "lengths", "num_samples", "text", "meta")
+STATS_ARRAYS = ("stats_sum", "stats_sumsq")
+CHECKSUM_ALGORITHM = "crc32"
+CHUNK_FRAMES = 2048  # frames per chunk of a features array: ~2 MB of fp16 at D=512, 41 s at 50 Hz
+ZSTD_LEVEL = 3
+_PART_RE = re.compile(r"^(?P<worker>[^/]+)-(?P<seq>\d{6,})$")
+
+
+class CacheFormatError(Exception):
+    """The store is not an hff-cache, is damaged, or was written by a newer format."""
+
+
+class CacheMismatchError(ValueError):
+    """An existing cache was written with settings other than the ones requested."""
+
+
+class CacheWriteError(OSError):
+    """Writing a part failed (e.g. disk full); committed parts are intact."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def layer_name(k: int) -> str:
+    return f"layer_{k:02d}"
+
+
+def side_name(suffix: str, k: int) -> str:
+    return f"{suffix}_{k:02d}"
+
+
+def part_id(worker: str, seq: int) -> str:
+    return f"{worker}-{seq:06d}"
+
+
+def parse_part_id(pid: str) -> tuple[str, int] | None:
+    """(worker, sequence) of a part id, or None for names that are not parts."""
+    m = _PART_RE.match(pid)
+    return (m["worker"], int(m["seq"])) if m else None
+
+
+@dataclass
+class EncoderInfo:
+    """Identity and shape of the frozen encoder whose hidden states the cache holds."""
+
+    name: str
+    model_class: str = ""
+    revision: str | None = None
+    file_hash: str | None = None
+    sample_rate: int = 16_000
+    frame_rate: float = 50.0
+    hidden_size: int = 0
+    num_hidden_states: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EncoderInfo:
+        # Unknown keys (from a later minor revision of format 1) are ignored, not fatal.
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class CodecSpec:
+    name: str = "fp16"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CodecSpec:
+        return cls(name=d["name"], params=dict(d.get("params") or {}))
+
+
+@dataclass
+class CacheMeta:
+    """The root attribute ``hff_cache`` of a cache."""
+
+    encoder: EncoderInfo
+    layers: list[int]
+    codec: CodecSpec = field(default_factory=CodecSpec)
+    batching: dict[str, Any] = field(default_factory=dict)
+    intake_fingerprints: list[str] = field(default_factory=list)
+    tool_version: str = ""
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "encoder": self.encoder.to_dict(),
+            "layers": [int(k) for k in self.layers],
+            "codec": self.codec.to_dict(),
+            "tool_version": self.tool_version,
+            "batching": dict(self.batching),
+            "intake_fingerprints": list(self.intake_fingerprints),
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CacheMeta:
+        try:
+            return cls(
+                format_version=int(d["format_version"]),
+                encoder=EncoderInfo.from_dict(d["encoder"]),
+                layers=[int(k) for k in d["layers"]],
+                codec=CodecSpec.from_dict(d["codec"]),
+                tool_version=str(d.get("tool_version", "")),
+                batching=dict(d.get("batching") or {}),
+                intake_fingerprints=list(d.get("intake_fingerprints") or []),
+                created=str(d.get("created", "")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheFormatError(f"malformed '{ROOT_KEY}' attributes: {e!r}") from e
+
+
+# Fields that must agree for features to be interchangeable. Batching, tool version and intake
+# fingerprints are provenance, not identity: they may differ between extract runs into one cache.
+_IDENTITY_FIELDS = (
+    "format_version",
+    "encoder.name",
+    "encoder.model_class",
+    "encoder.revision",
+    "encoder.file_hash",
+    "encoder.sample_rate",
+    "encoder.frame_rate",
+    "encoder.hidden_size",
+    "encoder.num_hidden_states",
+    "layers",
+    "codec.name",
+    "codec.params",
+)
+
+
+def _get(meta: CacheMeta, dotted: str) -> Any:
+    obj: Any = meta
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_compatible(existing: CacheMeta, requested: CacheMeta) -> list[str]:
+    """One line per differing identity field: ``field: cache has X, requested Y``. Empty when compatible."""
+    diffs = []
+    for name in _IDENTITY_FIELDS:
+        a, b = _get(existing, name), _get(requested, name)
+        if name == "encoder.frame_rate":
+            same = float(a) == float(b)
+        else:
+            same = json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+        if not same:
+            diffs.append(f"{name}: cache has {a!r}, requested {b!r}")
+    return diffs
+
+
+def cache_id(meta: CacheMeta) -> str:
+    """Short stable hash of encoder identity + layers + codec; training runs record it to refuse a cache
+    from another encoder. Provenance fields (batching, fingerprints, dates) do not enter it."""
+    e = meta.encoder
+    ident = {
+        "encoder": [e.name, e.model_class, e.revision, e.file_hash, e.sample_rate, float(e.frame_rate),
+                    e.hidden_size, e.num_hidden_states],
+        "layers": [int(k) for k in meta.layers],
+        "codec": meta.codec.to_dict(),
+        "format_version": meta.format_version,
+    }
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def array_checksum(values: np.ndarray) -> str:
+    """crc32 (8 hex digits) of an array's stored values. Numbers hash as little-endian C-order bytes;
+    strings hash as the UTF-8 of their JSON list, so the checksum does not depend on numpy's string dtype."""
+    if values.dtype.kind in "OUT":
+        data = json.dumps([str(v) for v in values.tolist()], ensure_ascii=False).encode()
+    else:
+        arr = np.ascontiguousarray(values)
+        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"

@@ -1,0 +1,371 @@
+"""Read a feature cache: the index of committed parts, features by utterance, statistics, info."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+from .codecs import MAIN, Codec, get_codec
+from .format import (
+    FORMAT_VERSION,
+    INDEX_ARRAYS,
+    PARTS,
+    ROOT_KEY,
+    STATS_ARRAYS,
+    CacheFormatError,
+    CacheMeta,
+    array_checksum,
+    cache_id,
+    layer_name,
+    parse_part_id,
+    side_name,
+)
+
+# --- store helpers (shared with the writer) -------------------------------------------------------------
+
+
+def open_store(url: str, storage_options: dict | None = None, read_only: bool = True) -> Store:
+    """FsspecStore for URLs (``s3://bucket/prefix``), LocalStore for plain paths."""
+    url = os.fspath(url)
+    if "://" in url:
+        return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
+    if storage_options:
+        raise ValueError(f"storage_options given for a local path {url!r}; they apply only to URLs")
+    if read_only and not os.path.isdir(url):
+        raise FileNotFoundError(f"no feature cache at {url!r} (directory does not exist)")
+    return LocalStore(url, read_only=read_only)
+
+
+async def _get_json(store: Store, key: str) -> dict | None:
+    # Missing or unreadable metadata both mean "not there": an interrupted write must not break readers.
+    try:
+        buf = await store.get(key, prototype=default_buffer_prototype())
+        return None if buf is None else json.loads(buf.to_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def read_json(store: Store, key: str) -> dict | None:
+    return sync(_get_json(store, key))
+
+
+def read_part_attrs(store: Store, pids: Sequence[str]) -> list[dict | None]:
+    """Attributes of each part group (fetched concurrently), None where zarr.json is missing/unreadable."""
+
+    async def _all() -> list[dict | None]:
+        docs = await asyncio.gather(*(_get_json(store, f"{PARTS}/{p}/zarr.json") for p in pids))
+        return [d.get("attributes", {}) if isinstance(d, dict) else None for d in docs]
+
+    return sync(_all())
+
+
+def list_part_ids(store: Store) -> list[str]:
+    """Names under ``parts/`` that look like part ids, sorted. Includes uncommitted parts."""
+    fs = getattr(store, "fs", None)
+    if fs is not None and hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache()  # fsspec listings are cached per filesystem instance; parts appear over time
+
+    async def _ls() -> list[str]:
+        return [name.rstrip("/") async for name in store.list_dir(PARTS)]
+
+    return sorted(n for n in sync(_ls()) if parse_part_id(n) is not None)
+
+
+def store_bytes(store: Store) -> int:
+    """Total bytes stored under the cache root (every key, metadata included)."""
+    if isinstance(store, FsspecStore):
+        try:  # one listing call instead of one HEAD per key
+            return int(sync(store.fs._du(store.path, total=True)))
+        except (AttributeError, NotImplementedError):
+            pass
+    return int(sync(store.getsize_prefix("")))
+
+
+@contextlib.contextmanager
+def quiet_numcodecs() -> Iterator[None]:
+    """Silence zarr's "numcodecs codecs are not in the Zarr v3 spec" warning (we write and read the
+    shuffle codec ourselves). Warning filters are process-wide, so threaded callers wrap the whole pool."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Numcodecs codecs are not in the Zarr version 3")
+        yield
+
+
+def open_array(store: Store, path: str) -> zarr.Array:
+    return zarr.open_array(store=store, path=path, mode="r", zarr_format=3)  # zarr_format: no v2 probing
+
+
+# --- reader ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PartInfo:
+    part_id: str
+    worker: str
+    start: int  # first utterance index in the global order
+    stop: int  # one past the last
+    num_frames: int
+    num_utterances: int
+
+
+def load_root_meta(store: Store, url: str) -> CacheMeta:
+    doc = read_json(store, "zarr.json")
+    if doc is None:
+        raise CacheFormatError(f"{url} is not a feature cache: no zarr.json at its root")
+    attrs = doc.get("attributes", {})
+    if doc.get("node_type") != "group" or ROOT_KEY not in attrs:
+        raise CacheFormatError(f"{url} is a Zarr node but not an hff-cache (no '{ROOT_KEY}' attribute)")
+    raw = attrs[ROOT_KEY]
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if not isinstance(version, int):
+        raise CacheFormatError(f"{url}: '{ROOT_KEY}' attribute has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise CacheFormatError(
+            f"{url} uses cache format {version}, newer than this hff-cache reads ({FORMAT_VERSION}); "
+            "upgrade hff-cache to read it"
+        )
+    return CacheMeta.from_dict(raw)
+
+
+class CacheReader:
+    """Committed parts of a cache, as one index of utterances (parts sorted by id, then in part order)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        self.url = os.fspath(url)
+        self.storage_options = storage_options
+        try:
+            self.store = open_store(self.url, storage_options, read_only=True)
+        except FileNotFoundError as e:
+            raise CacheFormatError(str(e)) from e
+        self.meta: CacheMeta = load_root_meta(self.store, self.url)
+        self.codec: Codec = get_codec(self.meta.codec.name, **self.meta.codec.params)
+        self._arrays: dict[tuple[int, int], dict[str, Any]] = {}
+        self._load_index()
+
+    def __getstate__(self) -> dict:
+        # Opened arrays are a cache; dropping them keeps the reader cheap to send to DataLoader workers.
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
+
+    # -- index --
+
+    def _load_index(self) -> None:
+        pids = list_part_ids(self.store)
+        attrs = read_part_attrs(self.store, pids)
+        committed = [(p, a) for p, a in zip(pids, attrs, strict=True) if a and a.get("committed") is True]
+        self._part_ids = [p for p, _ in committed]
+        self._part_attrs = [a for _, a in committed]
+
+        def load(pid: str) -> dict[str, np.ndarray]:
+            return {n: open_array(self.store, f"{PARTS}/{pid}/{n}")[...] for n in INDEX_ARRAYS}
+
+        with quiet_numcodecs(), ThreadPoolExecutor(max_workers=8) as pool:  # overlap remote requests
+            index = list(pool.map(load, self._part_ids))
+
+        self.ids: list[str] = []
+        self.texts: list[str] = []
+        self.metas: list[dict] = []
+        part_of, offsets, lengths, samples = [], [], [], []
+        self._parts: list[PartInfo] = []
+        self._pos: dict[str, int] = {}
+        self.duplicates: list[str] = []
+        for pi, (pid, arrs) in enumerate(zip(self._part_ids, index, strict=True)):
+            start = len(self.ids)
+            for j, uid in enumerate(arrs["ids"].tolist()):
+                if uid in self._pos:
+                    # Two workers given overlapping input: keep the first copy, report the rest.
+                    self.duplicates.append(uid)
+                    warnings.warn(f"{self.url}: utterance {uid!r} appears again in part {pid}; "
+                                  "using the first copy", stacklevel=2)
+                    continue
+                self._pos[uid] = len(self.ids)
+                self.ids.append(uid)
+                self.texts.append(str(arrs["text"][j]))
+                self.metas.append(json.loads(str(arrs["meta"][j]) or "{}"))
+                part_of.append(pi)
+                offsets.append(int(arrs["offsets"][j]))
+                lengths.append(int(arrs["lengths"][j]))
+                samples.append(int(arrs["num_samples"][j]))
+            worker = (parse_part_id(pid) or ("", 0))[0]
+            nframes = int(self._part_attrs[pi].get("num_frames", int(arrs["lengths"].sum())))
+            self._parts.append(PartInfo(pid, worker, start, len(self.ids), nframes, len(self.ids) - start))
+        self._part_of = np.asarray(part_of, dtype=np.int64)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self.lengths: np.ndarray = np.asarray(lengths, dtype=np.int64)
+        self.num_samples: np.ndarray = np.asarray(samples, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def cache_id(self) -> str:
+        return cache_id(self.meta)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta.layers)
+
+    def index_of(self, utt_id: str) -> int:
+        try:
+            return self._pos[utt_id]
+        except KeyError:
+            raise KeyError(f"utterance {utt_id!r} is not in the feature cache {self.url} "
+                           f"({len(self.ids)} utterances)") from None
+
+    def parts(self) -> list[PartInfo]:
+        return list(self._parts)
+
+    # -- features --
+
+    def _layer_positions(self, layers: Sequence[int] | None) -> list[int]:
+        stored = self.meta.layers
+        if layers is None:
+            return list(range(len(stored)))
+        missing = [k for k in layers if k not in stored]
+        if missing:
+            raise ValueError(f"hidden-state layer(s) {missing} are not stored in {self.url}; "
+                             f"stored layers: {stored}")
+        return [stored.index(k) for k in layers]
+
+    def _stored(self, part: int, pos: int) -> dict[str, Any]:
+        key = (part, pos)
+        if key not in self._arrays:
+            base = f"{PARTS}/{self._part_ids[part]}"
+            k = self.meta.layers[pos]
+            with quiet_numcodecs():
+                arrs: dict[str, Any] = {MAIN: open_array(self.store, f"{base}/{layer_name(k)}")}
+                for suffix in self.codec.side_suffixes:
+                    arrs[suffix] = open_array(self.store, f"{base}/{side_name(suffix, k)}")[...]
+            self._arrays[key] = arrs
+        return self._arrays[key]
+
+    def read(self, utt_id: str, layers: Sequence[int] | None = None) -> np.ndarray:
+        """Features of one utterance, (T, n_layers, D) float32; ``layers`` are hidden-state indices."""
+        return self.read_many([self.index_of(utt_id)], layers)[0]
+
+    def read_many(self, indices: Sequence[int], layers: Sequence[int] | None = None) -> list[np.ndarray]:
+        """Features of many utterances by global index, in the order asked.
+
+        Per part, nearby utterances are merged into one contiguous frame range per layer (utterances
+        closer than a chunk always merge), so every chunk is fetched and decompressed at most once.
+        """
+        positions = self._layer_positions(layers)
+        D = self.meta.encoder.hidden_size
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self.ids)):
+            raise IndexError(f"utterance index out of range 0..{len(self.ids) - 1} in {self.url}")
+        out: list[np.ndarray] = [
+            np.empty((int(self.lengths[i]), len(positions), D), dtype=np.float32) for i in idx
+        ]
+        by_part: dict[int, list[int]] = {}
+        for n, i in enumerate(idx):
+            by_part.setdefault(int(self._part_of[i]), []).append(n)
+        for part, ns in by_part.items():
+            ns.sort(key=lambda n: self._offsets[idx[n]])
+            chunk = int(self._stored(part, positions[0])[MAIN].chunks[0]) if positions else 1
+            for run in self._runs(chunk, ns, idx):
+                lo = int(self._offsets[idx[run[0]]])
+                hi = max(int(self._offsets[idx[n]] + self.lengths[idx[n]]) for n in run)
+                for j, pos in enumerate(positions):
+                    block = self.codec.decode(self._stored(part, pos), slice(lo, hi))
+                    for n in run:
+                        o = int(self._offsets[idx[n]]) - lo
+                        out[n][:, j, :] = block[o:o + int(self.lengths[idx[n]])]
+        return out
+
+    def _runs(self, chunk: int, ns: list[int], idx: np.ndarray) -> list[list[int]]:
+        runs: list[list[int]] = []
+        end = 0
+        for n in ns:
+            start = int(self._offsets[idx[n]])
+            stop = start + int(self.lengths[idx[n]])
+            if runs and start - end < chunk:
+                runs[-1].append(n)
+                end = max(end, stop)
+            else:
+                runs.append([n])
+                end = stop
+        return runs
+
+    # -- statistics and provenance --
+
+    def layer_stats(self, layers: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-layer mean and std over all frames, (n_layers, D) float32, from the per-part sums."""
+        positions = self._layer_positions(layers)
+        total = 0
+        s = ss = None
+        for pi, pid in enumerate(self._part_ids):
+            n = self._parts[pi].num_frames
+            if n == 0:
+                continue
+            ps, pss = (open_array(self.store, f"{PARTS}/{pid}/{name}")[...] for name in STATS_ARRAYS)
+            s = ps if s is None else s + ps
+            ss = pss if ss is None else ss + pss
+            total += n
+        if total == 0 or s is None or ss is None:
+            return None
+        mean = s / total
+        var = np.maximum(ss / total - mean**2, 0.0)  # float64 sums: cancellation is negligible here
+        return mean[positions].astype(np.float32), np.sqrt(var[positions]).astype(np.float32)
+
+    def skipped(self) -> list[dict]:
+        """Skip records of all committed parts: {"id", "audio", "reason", "part"}."""
+        return [dict(rec, part=pid) for pid, a in zip(self._part_ids, self._part_attrs, strict=True)
+                for rec in a.get("skipped", [])]
+
+    def info(self) -> dict[str, Any]:
+        e = self.meta.encoder
+        frames = int(self.lengths.sum())
+        nbytes = store_bytes(self.store)
+        n_values = frames * len(self.meta.layers) * e.hidden_size
+        return {
+            "url": self.url,
+            "format_version": self.meta.format_version,
+            "cache_id": self.cache_id,
+            "model": e.name,
+            "model_class": e.model_class,
+            "utterances": len(self.ids),
+            "frames": frames,
+            "audio_seconds": float(self.num_samples.sum()) / e.sample_rate if e.sample_rate else 0.0,
+            "layers": list(self.meta.layers),
+            "hidden_size": e.hidden_size,
+            "frame_rate": e.frame_rate,
+            "codec": self.meta.codec.to_dict(),
+            "bytes": nbytes,
+            "bytes_per_value": nbytes / n_values if n_values else None,
+            "parts": len(self._part_ids),
+            "skipped": len(self.skipped()),
+            "duplicates": len(self.duplicates),
+            "tool_version": self.meta.tool_version,
+            "batching": self.meta.batching,
+            "intake_fingerprints": list(self.meta.intake_fingerprints),
+        }
+
+    def verify(self) -> list[str]:
+        """Recompute every committed part's checksums; returns one line per mismatch (empty: all good)."""
+        problems = []
+        for pid, a in zip(self._part_ids, self._part_attrs, strict=True):
+            for name, expected in a.get("checksums", {}).items():
+                try:
+                    with quiet_numcodecs():
+                        got = array_checksum(open_array(self.store, f"{PARTS}/{pid}/{name}")[...])
+                except Exception as err:  # unreadable chunk: report it with the rest
+                    problems.append(f"{pid}/{name}: unreadable ({err})")
+                    continue
+                if got != expected:
+                    problems.append(f"{pid}/{name}: checksum {got} != recorded {expected}")
+        return problems

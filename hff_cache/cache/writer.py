@@ -1,0 +1,369 @@
+"""Write a feature cache: buffer utterances, write each part, commit it last, resume after interruption."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+from zarr.codecs import ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.common import concurrent_map
+from zarr.core.sync import sync
+from zarr.errors import ContainsArrayError, ContainsGroupError
+from zarr.storage import MemoryStore
+
+from .. import __version__
+from .codecs import MAIN, Codec, get_codec
+from .format import (
+    CHECKSUM_ALGORITHM,
+    CHUNK_FRAMES,
+    FORMAT_VERSION,
+    PARTS,
+    ROOT_KEY,
+    ZSTD_LEVEL,
+    CacheFormatError,
+    CacheMeta,
+    CacheMismatchError,
+    CacheWriteError,
+    CodecSpec,
+    array_checksum,
+    check_compatible,
+    layer_name,
+    now_iso,
+    parse_part_id,
+    part_id,
+    side_name,
+)
+from .reader import list_part_ids, open_array, open_store, quiet_numcodecs, read_json, read_part_attrs
+
+_STR = np.dtypes.StringDType()
+
+
+class CacheWriter:
+    """Appends utterances to a cache as parts owned by one worker.
+
+    Resume: opening an existing cache checks it was made with the same encoder/layers/codec, deletes this
+    worker's uncommitted parts, and ``done_ids()`` tells the caller what to skip. Parts of other workers
+    are never touched, so several workers may write into one cache at once (distinct ``worker`` labels).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        meta: CacheMeta,
+        worker: str = "w000",
+        part_frames: int = 30_000,
+        intake_fingerprint: str | None = None,
+        storage_options: dict | None = None,
+        chunk_frames: int = CHUNK_FRAMES,
+    ) -> None:
+        if not worker or "/" in worker or parse_part_id(part_id(worker, 0)) != (worker, 0):
+            raise ValueError(f"invalid worker label {worker!r}: use letters, digits, '_' or '-', no '/'")
+        if part_frames < 1 or chunk_frames < 1:
+            raise ValueError("part_frames and chunk_frames must be positive")
+        self.url = os.fspath(url)
+        self.worker = worker
+        self.part_frames = int(part_frames)
+        self.chunk_frames = int(chunk_frames)
+        # Resolve codec defaults so the recorded params are complete and compare equal across runs.
+        self.codec: Codec = get_codec(meta.codec.name, **meta.codec.params)
+        requested = replace(
+            meta,
+            codec=CodecSpec(self.codec.name, self.codec.params),
+            layers=[int(k) for k in meta.layers],
+            format_version=FORMAT_VERSION,
+            tool_version=__version__,
+            created=meta.created or now_iso(),
+            intake_fingerprints=list(meta.intake_fingerprints),
+        )
+        if intake_fingerprint and intake_fingerprint not in requested.intake_fingerprints:
+            requested.intake_fingerprints.append(intake_fingerprint)
+        self._validate(requested)
+        self.store = open_store(self.url, storage_options, read_only=False)
+        self.meta = self._open_root(requested, intake_fingerprint)
+        if read_json(self.store, f"{PARTS}/zarr.json") is None:
+            with contextlib.suppress(ContainsGroupError):  # another worker may win the race: same content
+                zarr.create_group(store=self.store, path=PARTS)  # Zarr v3 has no implicit groups
+
+        self._done: set[str] = set()  # ids with features in committed parts
+        self._skipped_done: set[str] = set()
+        self._seq = 0
+        self._scan_parts()
+        self._reset_buffer()
+        self._pending_skips: list[dict[str, str]] = []
+        self._closed = False
+
+    # -- setup --
+
+    def _validate(self, m: CacheMeta) -> None:
+        e = m.encoder
+        if not m.layers or len(set(m.layers)) != len(m.layers):
+            raise ValueError(f"layers must be distinct hidden-state indices (non-empty), got {m.layers}")
+        if e.hidden_size <= 0:
+            raise ValueError("encoder.hidden_size must be set")
+        if e.num_hidden_states and not all(0 <= k < e.num_hidden_states for k in m.layers):
+            raise ValueError(f"layers {m.layers} out of range for {e.num_hidden_states} hidden states")
+        self.codec.check_dim(e.hidden_size)
+
+    def _open_root(self, requested: CacheMeta, fingerprint: str | None) -> CacheMeta:
+        doc = read_json(self.store, "zarr.json")
+        if doc is None:
+            if self._store_has_keys():
+                raise CacheFormatError(
+                    f"{self.url} exists and is not empty but holds no feature cache; choose another --out"
+                )
+            try:
+                # Not mode="w": that would wipe a root another worker created a moment ago.
+                zarr.create_group(store=self.store, attributes={ROOT_KEY: requested.to_dict()})
+                return requested
+            except (ContainsGroupError, ContainsArrayError):
+                doc = read_json(self.store, "zarr.json") or {}
+        attrs = doc.get("attributes", {})
+        if ROOT_KEY not in attrs:
+            raise CacheFormatError(f"{self.url} is a Zarr group but not an hff-cache; choose another --out")
+        raw = attrs[ROOT_KEY]
+        existing = CacheMeta.from_dict(raw)
+        if existing.format_version > FORMAT_VERSION:
+            raise CacheFormatError(f"{self.url} uses cache format {existing.format_version}, newer than this "
+                                   f"hff-cache writes ({FORMAT_VERSION}); upgrade hff-cache")
+        diffs = check_compatible(existing, requested)
+        if diffs:
+            raise CacheMismatchError(
+                f"the feature cache at {self.url} was written with other settings:\n  "
+                + "\n  ".join(diffs)
+                + "\nChoose another --out for these settings, or rerun with settings that match the cache."
+            )
+        if fingerprint and fingerprint not in existing.intake_fingerprints:
+            # Read-modify-write of the raw dict keeps keys a newer minor revision may have added.
+            raw = dict(raw, intake_fingerprints=[*existing.intake_fingerprints, fingerprint])
+            zarr.open_group(store=self.store, mode="r+").attrs[ROOT_KEY] = raw
+            existing.intake_fingerprints = list(raw["intake_fingerprints"])
+        return existing
+
+    def _store_has_keys(self) -> bool:
+        async def _any() -> bool:
+            async for _ in self.store.list_dir(""):
+                return True
+            return False
+
+        return bool(sync(_any()))
+
+    def _scan_parts(self) -> None:
+        pids = list_part_ids(self.store)
+        attrs = read_part_attrs(self.store, pids)
+        committed = []
+        for pid, a in zip(pids, attrs, strict=True):
+            worker, seq = parse_part_id(pid)  # type: ignore[misc]
+            if a is not None and a.get("committed") is True:
+                committed.append(pid)
+                self._skipped_done.update(r["id"] for r in a.get("skipped", []))
+            elif worker == self.worker:
+                # Our own interrupted part: nobody else writes it, so it is safe to remove and redo.
+                sync(self.store.delete_dir(f"{PARTS}/{pid}"))
+            if worker == self.worker:
+                self._seq = max(self._seq, seq + 1)
+
+        def ids(pid: str) -> list[str]:
+            return [str(x) for x in open_array(self.store, f"{PARTS}/{pid}/ids")[...].tolist()]
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for got in pool.map(ids, committed):
+                self._done.update(got)
+
+    def _reset_buffer(self) -> None:
+        n_layers, dim = len(self.meta.layers), self.meta.encoder.hidden_size
+        self._feats: list[np.ndarray] = []
+        self._ids: list[str] = []
+        self._texts: list[str] = []
+        self._metas: list[str] = []
+        self._samples: list[int] = []
+        self._frames = 0
+        self._sum = np.zeros((n_layers, dim), np.float64)
+        self._sumsq = np.zeros((n_layers, dim), np.float64)
+
+    # -- public API --
+
+    def done_ids(self) -> set[str]:
+        """Ids in committed parts of all workers (as of opening, plus own commits) and skipped ids."""
+        return self._done | self._skipped_done
+
+    def add(self, utt_id: str, feats: np.ndarray, *, text: str = "", meta: dict | None = None,
+            num_samples: int = 0) -> None:
+        """Buffer one utterance: ``feats`` is (n_stored_layers, T, D), real frames only."""
+        self._check_open()
+        if not isinstance(utt_id, str) or not utt_id:
+            raise ValueError(f"utterance id must be a non-empty string, got {utt_id!r}")
+        if utt_id in self._done or utt_id in self._ids:
+            raise ValueError(f"duplicate utterance id {utt_id!r}: it is already in the cache {self.url}")
+        if any(r["id"] == utt_id for r in self._pending_skips):
+            raise ValueError(f"utterance {utt_id!r} was already recorded as skipped in this run")
+        x = np.asarray(feats)
+        n_layers, dim = len(self.meta.layers), self.meta.encoder.hidden_size
+        if x.ndim != 3 or x.shape[0] != n_layers or x.shape[2] != dim:
+            raise ValueError(f"features of {utt_id!r} have shape {x.shape}; expected ({n_layers}, T, {dim}) "
+                             f"for layers {self.meta.layers}")
+        if x.dtype.kind != "f":
+            raise ValueError(f"features of {utt_id!r} must be floating point, got {x.dtype}")
+        if x.dtype != np.float16:
+            x = x.astype(np.float32, copy=False)
+        if x.size:
+            if not np.isfinite(x).all():
+                raise ValueError(f"features of {utt_id!r} contain NaN or infinity")
+            peak = float(np.abs(x).max())
+            if peak > self.codec.max_abs:
+                raise ValueError(f"features of {utt_id!r} reach {peak:.4g}, beyond what codec "
+                                 f"{self.codec.name!r} stores ({self.codec.max_abs:.4g}); use codec int8")
+        # Statistics of the features as given (before any codec rounding), accumulated in float64.
+        self._sum += x.sum(axis=1, dtype=np.float64)
+        self._sumsq += np.square(x, dtype=np.float64).sum(axis=1)
+        buf_dtype = np.float16 if x.dtype == np.float16 else self.codec.buffer_dtype
+        self._feats.append(np.ascontiguousarray(x, dtype=buf_dtype))
+        self._ids.append(utt_id)
+        self._texts.append(text or "")
+        self._metas.append(json.dumps(meta or {}, ensure_ascii=False, sort_keys=True))
+        self._samples.append(int(num_samples))
+        self._frames += x.shape[1]
+        if self._frames >= self.part_frames:
+            self.flush()
+
+    def skip(self, utt_id: str, audio: str, reason: str) -> None:
+        """Record an input that will not be extracted; it is committed with the next part."""
+        self._check_open()
+        if utt_id in self._done or utt_id in self._ids:
+            raise ValueError(f"cannot skip {utt_id!r}: its features are already in the cache {self.url}")
+        self._pending_skips.append({"id": str(utt_id), "audio": str(audio), "reason": str(reason)})
+
+    def flush(self) -> str | None:
+        """Write and commit the buffered utterances and skip records as one part; returns its id."""
+        self._check_open()
+        if not self._ids and not self._pending_skips:
+            return None
+        pid = part_id(self.worker, self._seq)
+        self._seq += 1
+        try:
+            self._write_part(pid)
+        except OSError as e:
+            try:  # best effort: a half-written part would be removed on resume anyway
+                sync(self.store.delete_dir(f"{PARTS}/{pid}"))
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+            what = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
+            msg = (f"writing part {pid} of the feature cache {self.url} failed: {what}. Committed parts are "
+                   "intact; free space (or fix the cause) and rerun the same command to resume.")
+            raise (CacheWriteError(e.errno, msg) if e.errno is not None else CacheWriteError(msg)) from e
+        self._done.update(self._ids)
+        self._skipped_done.update(r["id"] for r in self._pending_skips)
+        self._pending_skips = []
+        self._reset_buffer()
+        return pid
+
+    def close(self) -> None:
+        """Flush what is buffered (and pending skip records). Idempotent."""
+        if not self._closed:
+            self.flush()
+            self._closed = True
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            # Leaving on an error discards the buffer: those utterances are redone on resume.
+            self._closed = True
+
+    # -- internals --
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"CacheWriter for {self.url} is closed")
+
+    def _write_part(self, pid: str) -> None:
+        # Protocol: 1. part zarr.json with committed=false, 2. arrays, 3. zarr.json with committed=true.
+        # Arrays are encoded into an in-memory zarr store and their keys uploaded concurrently: zarr's
+        # create_array on S3 costs a dozen round trips of parent checks per array, an upload one per key.
+        path = f"{PARTS}/{pid}"
+        stage = MemoryStore()
+        group = zarr.create_group(store=stage, path=path, attributes={"committed": False})
+        _upload(stage, self.store, [f"{path}/zarr.json"])
+        lengths = np.asarray([f.shape[1] for f in self._feats], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
+        checksums: dict[str, str] = {}
+
+        def put(names_data: list[tuple[str, np.ndarray, tuple[int, ...] | None, list[Any] | None]]) -> None:
+            for name, data, chunks, compressors in names_data:
+                checksums[name] = array_checksum(data)
+                arr = group.create_array(
+                    name, shape=data.shape, dtype=data.dtype,
+                    chunks=chunks or tuple(max(1, s) for s in data.shape),  # small arrays: one chunk
+                    compressors=compressors or [ZstdCodec(level=ZSTD_LEVEL)],
+                )
+                if data.size:
+                    arr[...] = data
+            keys = [k for name, *_ in names_data for k in _list_prefix(stage, f"{path}/{name}/")]
+            _upload(stage, self.store, keys, drop=True)  # drop: keep only one layer staged at a time
+
+        with quiet_numcodecs():
+            put([
+                ("ids", np.asarray(self._ids, dtype=_STR), None, None),
+                ("offsets", offsets, None, None),
+                ("lengths", lengths, None, None),
+                ("num_samples", np.asarray(self._samples, dtype=np.int64), None, None),
+                ("text", np.asarray(self._texts, dtype=_STR), None, None),
+                ("meta", np.asarray(self._metas, dtype=_STR), None, None),
+                ("stats_sum", self._sum, None, None),
+                ("stats_sumsq", self._sumsq, None, None),
+            ])
+            dim = self.meta.encoder.hidden_size
+            for j, k in enumerate(self.meta.layers):
+                x = (np.concatenate([f[j] for f in self._feats]) if self._feats
+                     else np.zeros((0, dim), self.codec.buffer_dtype))
+                batch = []
+                for suffix, data in self.codec.encode(x).items():
+                    if suffix == MAIN:
+                        chunks = (self.chunk_frames, *data.shape[1:])
+                        batch.append((layer_name(k), data, chunks, self.codec.compressors()))
+                    else:
+                        batch.append((side_name(suffix, k), data, None, None))
+                del x
+                put(batch)
+        group.attrs.update({
+            "committed": True,
+            "num_utterances": len(self._ids),
+            "num_frames": int(lengths.sum()),
+            "checksum_algorithm": CHECKSUM_ALGORITHM,
+            "checksums": checksums,
+            "skipped": list(self._pending_skips),
+            "created": now_iso(),
+        })
+        _upload(stage, self.store, [f"{path}/zarr.json"])  # the commit marker, last
+
+
+def _list_prefix(store: Store, prefix: str) -> list[str]:
+    async def _ls() -> list[str]:
+        return [k async for k in store.list_prefix(prefix)]
+
+    return sync(_ls())
+
+
+def _upload(src: Store, dst: Store, keys: list[str], drop: bool = False) -> None:
+    """Copy keys from the staging store to the cache, concurrently (zarr's async concurrency limit)."""
+
+    async def _copy(key: str) -> None:
+        buf = await src.get(key, prototype=default_buffer_prototype())
+        if buf is None:
+            raise RuntimeError(f"staged key {key} vanished")
+        await dst.set(key, buf)
+        if drop:
+            await src.delete(key)
+
+    sync(concurrent_map([(k,) for k in keys], _copy, limit=zarr.config.get("async.concurrency")))
