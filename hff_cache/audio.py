@@ -52,7 +52,7 @@ def load_audio(
             raise AudioError(label, "an array was given without its sample rate", "pass source_rate")
         wave, rate = np.asarray(source, dtype=np.float32), int(source_rate)
     else:
-        wave, rate = _read(source, label)
+        wave, rate = _read(source, label, max_seconds)
     if wave.ndim == 2:
         wave = wave.mean(axis=1)
     elif wave.ndim != 1:
@@ -75,7 +75,8 @@ def load_audio(
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
-def _read(source: str | Path | bytes, label: str) -> tuple[np.ndarray, int]:
+def _read(source: str | Path | bytes, label: str, max_seconds: float = DEFAULT_MAX_SECONDS
+          ) -> tuple[np.ndarray, int]:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
@@ -83,15 +84,61 @@ def _read(source: str | Path | bytes, label: str) -> tuple[np.ndarray, int]:
                              "resolved against the manifest's folder)")
         if path.is_dir():
             raise AudioError(label, "is a directory, not an audio file")
+        _check_header(path, label, max_seconds)
         target: object = path
     else:
         target = io.BytesIO(source)
     try:
         wave, rate = sf.read(target, dtype="float32", always_2d=False)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
-        raise AudioError(label, f"unreadable audio ({exc.__class__.__name__}: {exc})",
+        detail = getattr(exc, "error_string", "") or str(exc)  # error_string: without the path again
+        if "lost sync" in detail or "decoder" in detail.lower():
+            detail += " - the file is truncated or corrupt"
+        raise AudioError(label, f"unreadable audio ({exc.__class__.__name__}: {detail})",
                          "re-encode it as WAV/FLAC or drop it; --on-error skip records it and goes on") from None
     return wave, int(rate)
+
+
+def _check_header(path: Path, label: str, max_seconds: float) -> None:
+    """Cheap checks before decoding: empty file, over-long file (from the header: an hour-long file is
+    refused without decoding it) and a WAV cut short (libsndfile would silently return the rest)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise AudioError(label, "the file is empty (0 bytes)", "re-copy it or remove it from the manifest")
+    try:
+        info = sf.info(str(path))
+    except Exception:  # noqa: BLE001 - the decode below reports unreadable files with the full reason
+        return
+    if info.samplerate > 0 and 0 < info.frames < 2**62:  # 2**62+: libsndfile's "length unknown"
+        seconds = info.frames / info.samplerate
+        if seconds > max_seconds:
+            raise AudioError(label, f"{seconds:.0f} s long (from the file header), over the {max_seconds:.0f} s "
+                             "limit", "segment it into utterances or raise --max-seconds")
+    if info.format in ("WAV", "WAVEX"):
+        declared, available = _wav_data_sizes(path, size)
+        if declared is not None and declared > available:
+            raise AudioError(label, f"truncated: the WAV header declares {declared} bytes of audio, the file "
+                             f"holds {available}", "re-copy or re-download it, or drop it")
+
+
+def _wav_data_sizes(path: Path, size: int) -> tuple[int | None, int]:
+    """(bytes the RIFF 'data' chunk declares, bytes actually after its header); (None, 0) if not found or
+    the writer left the size open (0 or 0xFFFFFFFF, as streaming writers do)."""
+    with path.open("rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None, 0
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                break
+            n = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                return (None, 0) if n in (0, 0xFFFFFFFF) else (n, size - pos - 8)
+            pos += 8 + n + (n & 1)  # chunks are padded to even sizes
+    return None, 0
 
 
 def audio_duration(path: str | Path) -> float:

@@ -133,8 +133,11 @@ def encode_batch(encoder: SpeechEncoder, waves: Sequence[np.ndarray], layers: Se
 def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> ExtractReport:
     """Extract `cfg.data` into the cache at `cfg.out`; resumable and idempotent."""
     start = time.perf_counter()
-    utts = shard_utterances(load_intake(cfg.data), cfg.num_shards, cfg.shard_index)
-    if encoder is None and _already_complete(cfg, utts):
+    intake_errors: list[dict[str, str]] | None = [] if cfg.on_error == "skip" else None
+    utts = shard_utterances(load_intake(cfg.data, errors=intake_errors), cfg.num_shards, cfg.shard_index)
+    # Bad manifest lines and duplicated ids belong to no shard: shard 0 records them, once.
+    bad_lines = (intake_errors or []) if cfg.shard_index == 0 else []
+    if encoder is None and _already_complete(cfg, utts, [e["id"] for e in bad_lines]):
         # The immediate no-op: a finished cache answers without loading the model.
         return ExtractReport(cfg.out, total=len(utts), already_done=len(utts),
                              wall_seconds=time.perf_counter() - start)
@@ -155,6 +158,10 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
     done = writer.done_ids()
     todo = [u for u in utts if u.id not in done]
     report = ExtractReport(cfg.out, total=len(utts), already_done=len(utts) - len(todo))
+    for item in bad_lines:
+        if item["id"] not in done:
+            writer.skip(item["id"], item["audio"], item["reason"])
+            report.skipped.append(dict(item))
     if not todo:
         writer.close()
         report.wall_seconds = time.perf_counter() - start
@@ -173,9 +180,18 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
             if good:
                 feats = encode_batch(encoder, [w for _, w in good], layers, device, cfg.precision)
                 for (u, w), f in zip(good, feats, strict=True):
+                    if not np.isfinite(f).all():
+                        # One item's encoder failure (fp16 overflow, a degenerate input): per item, like
+                        # bad audio, instead of the writer's refusal ending the whole run.
+                        reason = "the encoder produced NaN or infinite features (try --precision fp32)"
+                        if cfg.on_error == "raise":
+                            raise ValueError(f"{u.id} ({u.audio}): {reason}")
+                        writer.skip(u.id, u.audio, reason)
+                        report.skipped.append({"id": u.id, "audio": u.audio, "reason": reason})
+                        continue
                     writer.add(u.id, f, text=u.text, meta=u.meta, num_samples=len(w))
                     report.audio_seconds += len(w) / encoder.info.sample_rate
-            report.extracted += len(good)
+                    report.extracted += 1
             if bar is not None:
                 bar.update(sum(u.duration for u in batch))
                 bar.set_postfix_str(f"{report.extracted + len(report.skipped)}/{len(todo)} utt")
@@ -188,7 +204,7 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
     return report
 
 
-def _already_complete(cfg: ExtractConfig, utts: Sequence[Utterance]) -> bool:
+def _already_complete(cfg: ExtractConfig, utts: Sequence[Utterance], extra_ids: Sequence[str] = ()) -> bool:
     try:
         reader = CacheReader(cfg.out, storage_options=cfg.storage_options)
     except Exception:  # no cache yet (or unreadable: the writer reports that properly)
@@ -199,7 +215,7 @@ def _already_complete(cfg: ExtractConfig, utts: Sequence[Utterance]) -> bool:
     if cfg.layers is not None and list(meta.layers) != list(cfg.layers):
         return False
     done = set(reader.ids) | {item["id"] for item in reader.skipped()}
-    return all(u.id in done for u in utts)
+    return all(u.id in done for u in utts) and all(i in done for i in extra_ids)
 
 
 def _progress(todo: Sequence[Utterance], enabled: bool):  # noqa: ANN202 - tqdm or None

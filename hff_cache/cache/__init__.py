@@ -7,6 +7,7 @@ from .codecs import CODECS, Codec, FP16Codec, Int4Codec, Int8Codec, get_codec, r
 from .format import (
     FORMAT_VERSION,
     CacheFormatError,
+    CacheLockedError,
     CacheMeta,
     CacheMismatchError,
     CacheWriteError,
@@ -16,12 +17,14 @@ from .format import (
     check_compatible,
 )
 from .reader import CacheReader, PartInfo
+from .verify import Problem, VerifyReport, verify_cache
 from .writer import CacheWriter
 
 __all__ = [
     "CODECS",
     "FORMAT_VERSION",
     "CacheFormatError",
+    "CacheLockedError",
     "CacheMeta",
     "CacheMismatchError",
     "CacheReader",
@@ -34,8 +37,11 @@ __all__ = [
     "Int4Codec",
     "Int8Codec",
     "PartInfo",
+    "Problem",
+    "VerifyReport",
     "cache_id",
     "check_compatible",
     "get_codec",
     "register_codec",
+    "verify_cache",
 ]

@@ -165,10 +165,68 @@ class Int4Codec(Codec):
         return out * scale
 
 
+class Int4BlockCodec(Codec):
+    """4-bit with a per-dimension mean and one float16 scale per frame per block of ``block`` dimensions.
+
+    Plain int4 keeps one scale per dimension for a whole part, so the rare frames where a dimension is
+    huge (Whisper base's middle layers) set a step size that leaves ordinary frames 1-2 levels; after the
+    per-frame LayerNorm the fusion applies, that error is large (relative MSE 0.35 on layer 4). Centring
+    each dimension and scaling each frame's block separately brings it to 0.03 for 2/block bytes more per
+    value (0.031 at block 64). Packing as ``int4``: q + 8 in nibbles, dimension 2j low, 2j+1 high.
+    Side arrays: ``mean`` (D,) float32 per part, ``bscale`` (N, D/block) float16 per frame.
+    """
+
+    name = "int4b"
+    dtype = np.dtype("uint8")
+    side_suffixes = ("mean", "bscale")
+
+    def __init__(self, level: int = ZSTD_LEVEL, block: int = 64) -> None:
+        super().__init__(level)
+        if block < 2 or block % 2:
+            raise ValueError(f"int4b block must be an even number >= 2, got {block}")
+        self.block = int(block)
+
+    @property
+    def bytes_per_value(self) -> float:  # type: ignore[override]
+        return 0.5 + 2.0 / self.block
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"level": self.level, "block": self.block}
+
+    def row_shape(self, dim: int) -> tuple[int, ...]:
+        return (dim // 2,)
+
+    def check_dim(self, dim: int) -> None:
+        if dim % self.block:
+            raise ValueError(f"int4b needs the hidden size ({dim}) to be a multiple of its block ({self.block})")
+
+    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self.check_dim(x.shape[1])
+        x = np.asarray(x, dtype=np.float32)
+        mean = x.mean(axis=0).astype(np.float32) if len(x) else np.zeros(x.shape[1], np.float32)
+        xb = (x - mean).reshape(len(x), -1, self.block)
+        scale = (np.abs(xb).max(axis=2) / 7).astype(np.float16)
+        scale[scale == 0] = 1  # an all-zero block decodes to zero whatever the scale
+        q = np.clip(np.rint(xb / scale[:, :, None].astype(np.float32)), -7, 7).reshape(x.shape)
+        u = (q.astype(np.int16) + 8).astype(np.uint8)
+        return {MAIN: (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8), "mean": mean, "bscale": scale}
+
+    def decode(self, stored: dict[str, Any], rows: slice) -> np.ndarray:
+        b = np.asarray(stored[MAIN][rows])
+        scale = np.asarray(stored["bscale"][rows], dtype=np.float32)
+        out = np.empty((b.shape[0], b.shape[1] * 2), dtype=np.float32)
+        out[:, 0::2] = (b & 0x0F).astype(np.float32) - 8
+        out[:, 1::2] = (b >> 4).astype(np.float32) - 8
+        out = out.reshape(len(out), -1, self.block) * scale[:, :, None]
+        return out.reshape(len(b), -1) + np.asarray(stored["mean"], dtype=np.float32)
+
+
 CODECS: dict[str, Callable[..., Codec]] = {
     "fp16": FP16Codec,
     "int8": Int8Codec,
     "int4": Int4Codec,
+    "int4b": Int4BlockCodec,
 }
 
 

@@ -39,6 +39,10 @@ class CacheWriteError(OSError):
     """Writing a part failed (e.g. disk full); committed parts are intact."""
 
 
+class CacheLockedError(CacheWriteError):
+    """Another live process is writing with the same worker label (see ``CacheWriter``'s lock)."""
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -197,7 +201,12 @@ def array_checksum(values: np.ndarray) -> str:
     strings hash as the UTF-8 of their JSON list, so the checksum does not depend on numpy's string dtype."""
     if values.dtype.kind in "OUT":
         data = json.dumps([str(v) for v in values.tolist()], ensure_ascii=False).encode()
-    else:
-        arr = np.ascontiguousarray(values)
-        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+        return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    return f"{crc32_update(0, values):08x}"
+
+
+def crc32_update(crc: int, values: np.ndarray) -> int:
+    """Continue a numeric array's crc32 with ``values`` (the next rows, in order): feeding an array in row
+    blocks gives ``array_checksum`` of the whole, so ``verify`` never holds a whole layer in memory."""
+    arr = np.ascontiguousarray(values)
+    return zlib.crc32(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(), crc) & 0xFFFFFFFF

@@ -6,9 +6,10 @@ import contextlib
 import errno
 import json
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import zarr
@@ -18,7 +19,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.common import concurrent_map
 from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
-from zarr.storage import MemoryStore
+from zarr.storage import LocalStore, MemoryStore
 
 from .. import __version__
 from .codecs import MAIN, Codec, get_codec
@@ -30,6 +31,7 @@ from .format import (
     ROOT_KEY,
     ZSTD_LEVEL,
     CacheFormatError,
+    CacheLockedError,
     CacheMeta,
     CacheMismatchError,
     CacheWriteError,
@@ -44,7 +46,13 @@ from .format import (
 )
 from .reader import list_part_ids, open_array, open_store, quiet_numcodecs, read_json, read_part_attrs
 
+try:  # POSIX only; elsewhere local caches go unlocked like remote ones
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
 _STR = np.dtypes.StringDType()
+LOCKS = ".locks"  # <cache>/.locks/<worker>.lock: not a Zarr node, readers never look at it
 
 
 class CacheWriter:
@@ -96,7 +104,14 @@ class CacheWriter:
         self._done: set[str] = set()  # ids with features in committed parts
         self._skipped_done: set[str] = set()
         self._seq = 0
-        self._scan_parts()
+        # Lock before the scan: the scan deletes this worker's uncommitted parts, which must not be the
+        # in-progress part of a live twin process started with the same worker label.
+        self._lock: IO[str] | None = self._acquire_lock()
+        try:
+            self._scan_parts()
+        except BaseException:
+            self._release_lock()
+            raise
         self._reset_buffer()
         self._pending_skips: list[dict[str, str]] = []
         self._closed = False
@@ -148,10 +163,47 @@ class CacheWriter:
             existing.intake_fingerprints = list(raw["intake_fingerprints"])
         return existing
 
+    def _acquire_lock(self) -> IO[str] | None:
+        """Exclusive ``flock`` on ``.locks/<worker>.lock`` of a local cache, held until close; the OS drops it
+        when the process dies, so a crash or SIGKILL never leaves a stale lock. fsspec stores get no lock."""
+        if fcntl is None or not isinstance(self.store, LocalStore):
+            return None
+        path = os.path.join(str(self.store.root), LOCKS, f"{self.worker}.lock")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            f = open(path, "a+", encoding="utf-8")  # held open (and locked) for the writer's lifetime
+        except OSError as e:
+            raise CacheWriteError(e.errno, f"cannot create the lock file {path}: {e.strerror}. Committed parts "
+                                  "are intact; fix the cause (free space?) and rerun the same command.") from e
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            holder = f.read().strip() or "unknown process"
+            f.close()
+            raise CacheLockedError(
+                errno.EWOULDBLOCK,
+                f"the feature cache {self.url} is being written by another process with worker label "
+                f"{self.worker!r} ({holder}). Wait for it to finish, or give this run another shard "
+                "(--num-shards/--shard-index) so the two write different parts.") from e
+        with contextlib.suppress(OSError):  # who holds it, for the message above; best effort (disk full)
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n")
+            f.flush()
+        return f
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the flock
+            self._lock = None
+
     def _store_has_keys(self) -> bool:
         async def _any() -> bool:
-            async for _ in self.store.list_dir(""):
-                return True
+            async for name in self.store.list_dir(""):
+                # A root zarr.json whose write was killed leaves only a temp file (zarr.<uuid>.partial):
+                # still an empty cache, so rerunning the same command creates it.
+                if not name.endswith(".partial"):
+                    return True
             return False
 
         return bool(sync(_any()))
@@ -258,6 +310,10 @@ class CacheWriter:
             what = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
             msg = (f"writing part {pid} of the feature cache {self.url} failed: {what}. Committed parts are "
                    "intact; free space (or fix the cause) and rerun the same command to resume.")
+            # The writer is done: its buffer is redone on resume, and the lock must not outlive it (a later
+            # close() would only retry into the same full disk).
+            self._closed = True
+            self._release_lock()
             raise (CacheWriteError(e.errno, msg) if e.errno is not None else CacheWriteError(msg)) from e
         self._done.update(self._ids)
         self._skipped_done.update(r["id"] for r in self._pending_skips)
@@ -268,8 +324,11 @@ class CacheWriter:
     def close(self) -> None:
         """Flush what is buffered (and pending skip records). Idempotent."""
         if not self._closed:
-            self.flush()
-            self._closed = True
+            try:
+                self.flush()
+            finally:  # a failed final flush (disk full) must still free the lock for the rerun
+                self._closed = True
+                self._release_lock()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -280,6 +339,7 @@ class CacheWriter:
         else:
             # Leaving on an error discards the buffer: those utterances are redone on resume.
             self._closed = True
+            self._release_lock()
 
     # -- internals --
 

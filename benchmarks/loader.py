@@ -1,0 +1,122 @@
+"""Is the loader fast enough? Frames/second delivered by the cache loader vs frames/second consumed by a
+``hierarchical`` training step, measured side by side in one process.
+
+    python benchmarks/loader.py --cache runs/librispeech_subset/caches/train.zarr
+    python benchmarks/loader.py            # no cache given: builds a tiny random-encoder cache first
+
+Loader modes: ``stream`` (decode from Zarr in background threads every epoch) and ``memory`` (decode once
+into float16 RAM, then only gather). The goal is loader >= 5x the training step's consumption, so the
+model never waits for data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hff_cache.cache import CacheReader
+from hff_cache.loader import CacheBatches
+from hff_cache.model import HFFModel, ModelSpec, SpecAugment
+from hff_cache.tasks import Task
+
+
+def loader_rate(src: CacheBatches, epochs: int) -> tuple[float, float]:
+    """(frames/s over ``epochs`` full epochs, seconds of one-off set-up such as the in-memory load)."""
+    t0 = time.perf_counter()
+    if src.in_memory:
+        src.load()
+    setup = time.perf_counter() - t0
+    frames, t0 = 0, time.perf_counter()
+    for e in range(epochs):
+        for batch in src.epoch(e):
+            frames += batch.num_frames
+    return frames / (time.perf_counter() - t0), setup
+
+
+def step_rate(src: CacheBatches, task: Task, steps: int) -> tuple[float, float, int]:
+    """(frames/s, ms/step, trainable params) of forward + backward + AdamW on the first batches."""
+    torch.manual_seed(0)
+    spec = ModelSpec(fusion={"kind": "hierarchical"}, num_layers=src.num_layers, hidden_size=src.hidden_size,
+                     head="ctc", vocab_size=task.tokenizer.vocab_size, layers=src.layers or [])
+    model = HFFModel(spec, augment=SpecAugment(2, 20)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    batches: list = []
+    epoch = 0
+    while len(batches) < steps + 1:  # a small cache may hold fewer batches than steps: take more epochs
+        for batch in src.epoch(epoch):
+            batches.append(batch)
+            if len(batches) == steps + 1:
+                break
+        epoch += 1
+    frames, elapsed = 0, 0.0
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        loss = model.loss(model(batch, generator=gen), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i > 0:  # the first step pays one-off allocation costs
+            elapsed += time.perf_counter() - t0
+            frames += batch.num_frames
+    n = max(len(batches) - 1, 1)
+    return frames / max(elapsed, 1e-9), 1000 * elapsed / n, sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", help="feature cache (default: a tiny cache built in a temp folder)")
+    ap.add_argument("--batch-frames", type=int, default=20_000)
+    ap.add_argument("--workers", type=int, default=2, help="decode threads (streaming)")
+    ap.add_argument("--epochs", type=int, default=1, help="loader epochs to time")
+    ap.add_argument("--steps", type=int, default=4, help="training steps to time")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = None
+    cache = args.cache
+    if cache is None or not Path(cache).exists():
+        from hff_cache.testing import tiny_cache
+
+        tmp = tempfile.TemporaryDirectory()
+        print("no --cache: building a tiny random-encoder cache (40 utterances x 2-6 s)", file=sys.stderr)
+        cache = str(tiny_cache(tmp.name, [2.0 + (i % 5) for i in range(40)], ["AB BA"] * 40))
+    reader = CacheReader(cache)
+    task = Task.from_labels("asr", reader)
+    data = task.prepare(reader)
+    info = reader.info()
+    common = dict(ctc=True, batch_frames=args.batch_frames, num_workers=args.workers, prefetch=4, seed=0)
+    results: dict = {"cache": cache, "frames": int(sum(reader.lengths[data.indices])),
+                     "layers": len(reader.meta.layers), "hidden_size": reader.meta.encoder.hidden_size,
+                     "codec": info["codec"]["name"], "torch_threads": torch.get_num_threads()}
+    stream = CacheBatches(reader, data, in_memory=False, **common)
+    results["stream_fps"], _ = loader_rate(stream, args.epochs)
+    memory = CacheBatches(reader, data, in_memory=True, **common)
+    results["memory_fps"], results["memory_load_s"] = loader_rate(memory, args.epochs)
+    results["step_fps"], results["step_ms"], results["params"] = step_rate(memory, task, args.steps)
+    results["stream_ratio"] = results["stream_fps"] / results["step_fps"]
+    results["memory_ratio"] = results["memory_fps"] / results["step_fps"]
+    print(f"cache {cache}: {results['frames']} frames x {results['layers']} layers x {results['hidden_size']} "
+          f"({results['codec']}), batch_frames {args.batch_frames}, torch threads {results['torch_threads']}")
+    print(f"  loader, streaming ({args.workers} decode threads): {results['stream_fps']:12,.0f} frames/s")
+    print(f"  loader, in memory (load {results['memory_load_s']:.1f} s once): {results['memory_fps']:12,.0f} frames/s")
+    print(f"  hierarchical train step ({results['params']:,} params, {results['step_ms']:.0f} ms/step): "
+          f"{results['step_fps']:12,.0f} frames/s")
+    print(f"  ratio loader/step: streaming {results['stream_ratio']:.1f}x, in memory {results['memory_ratio']:.1f}x "
+          "(goal >= 5x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

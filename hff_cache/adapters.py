@@ -1,0 +1,150 @@
+"""Online-mode methods: bottleneck adapters, BitFit, full fine-tuning, frozen HFF -- what trains in the encoder.
+
+Every method starts from a frozen encoder (``load_encoder`` turns ``requires_grad`` off everywhere) and
+switches on exactly the parameters it trains:
+
+- ``hff-adapters``: adapters after every layer; hierarchical fusion over all (adapted) hidden states.
+- ``adapters``: one adapter after the last layer; fusion ``last``.
+- ``bitfit``: every bias term of the encoder (not the wav2vec2 CNN); fusion ``last``.
+- ``full``: every encoder weight except the wav2vec2 CNN (frozen in the usual fine-tuning recipe) and
+  Whisper's fixed sinusoidal position table (which transformers freezes too); fusion ``last``.
+- ``hff-frozen``: nothing in the encoder (it runs under no_grad); hierarchical fusion over all hidden
+  states -- the cached path's model, with the encoder in the loop.
+
+Adapters count as encoder parameters (as in the papers' "trainable encoder parameters"). An adapter is
+x + W_up GELU(W_down LN(x)) with W_up initialised near zero (std 1e-3, not exactly zero: with a zero
+W_up, W_down and the LayerNorm would get no gradient on the first step), so training starts from the
+frozen encoder's own features.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hff_cache.encoders.base import SpeechEncoder
+
+__all__ = ["METHODS", "BottleneckAdapter", "MethodSetup", "attach_adapters", "enable_grad_checkpointing",
+           "encoder_parameter_counts", "setup_method"]
+
+METHODS = ("hff-adapters", "adapters", "bitfit", "full", "hff-frozen")
+HIERARCHICAL_METHODS = ("hff-adapters", "hff-frozen")  # read every hidden state; the others read the last
+
+
+class BottleneckAdapter(nn.Module):
+    """x + W_up GELU(W_down LayerNorm(x)) over the last dimension."""
+
+    def __init__(self, hidden_size: int, bottleneck: int = 64, init_std: float = 1e-3) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.down = nn.Linear(hidden_size, bottleneck)
+        self.up = nn.Linear(bottleneck, hidden_size)
+        nn.init.normal_(self.up.weight, std=init_std)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(nn.functional.gelu(self.down(self.norm(x))))
+        return x + h.to(x.dtype)
+
+
+def attach_adapters(encoder: SpeechEncoder, bottleneck: int = 64, layers: str = "all",
+                    init_std: float = 1e-3) -> nn.ModuleList:
+    """Put adapters after every transformer layer (``all``) or only the last (``last``); return them.
+
+    They live in ``encoder.layer_transforms`` (identity where no adapter), which the encoder applies to
+    each layer's output inside its forward pass, so later layers (and the fusion) see adapted states.
+    """
+    if layers not in ("all", "last"):
+        raise ValueError(f"layers must be 'all' or 'last', not {layers!r}")
+    if bottleneck < 1:
+        raise ValueError(f"bottleneck must be >= 1, got {bottleneck}")
+    n = len(encoder.layers)
+    d = int(encoder.info.hidden_size)
+    device = next(encoder.parameters()).device
+    mods = [BottleneckAdapter(d, bottleneck, init_std) if layers == "all" or i == n - 1 else nn.Identity()
+            for i in range(n)]
+    encoder.layer_transforms = nn.ModuleList(mods).to(device)
+    return encoder.layer_transforms
+
+
+def _is_bias(name: str) -> bool:
+    return name == "bias" or name.endswith(".bias")
+
+
+@dataclass
+class MethodSetup:
+    """What ``setup_method`` decided: how the model reads the encoder."""
+
+    method: str
+    fusion_kind: str | None  # None: keep the configured fusion (hierarchical methods); else "last"
+    layers: list[int]  # hidden-state indices the model reads
+    encoder_trainable: bool  # False: run the encoder under no_grad (hff-frozen)
+
+
+def setup_method(encoder: SpeechEncoder, method: str, bottleneck: int = 64) -> MethodSetup:
+    """Attach adapters and set ``requires_grad`` on ``encoder`` for ``method`` (see the module table)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    encoder.layer_transforms = None
+    if method in ("hff-adapters", "adapters"):
+        adapters = attach_adapters(encoder, bottleneck, "all" if method == "hff-adapters" else "last")
+        for p in adapters.parameters():
+            p.requires_grad_(True)
+    elif method in ("bitfit", "full"):
+        # The wav2vec2 CNN stays frozen in both (the usual recipe: it is cheap to keep, costly to tune).
+        frozen = {id(p) for p in encoder.frozen_feature_encoder_parameters()}
+        for name, p in encoder.named_parameters():
+            # Whisper's position table is fixed sinusoids (transformers never trains it either)
+            if id(p) in frozen or not p.is_floating_point() or name.endswith("embed_positions.weight"):
+                continue
+            if method == "full" or _is_bias(name):
+                p.requires_grad_(True)
+    last = encoder.num_hidden_states - 1
+    hierarchical = method in HIERARCHICAL_METHODS
+    return MethodSetup(method=method, fusion_kind=None if hierarchical else "last",
+                       layers=list(range(last + 1)) if hierarchical else [last],
+                       encoder_trainable=method != "hff-frozen")
+
+
+def encoder_parameter_counts(encoder: SpeechEncoder | None) -> dict[str, int]:
+    """{encoder_params: the encoder's own weights, adapter_params, trainable_encoder_params}.
+
+    Trainable encoder parameters include the adapters: they are what a method adds to or tunes in the
+    encoder, as opposed to the fusion and head that every method trains.
+    """
+    if encoder is None:
+        return {"encoder_params": 0, "adapter_params": 0, "trainable_encoder_params": 0}
+    own = encoder.encoder_parameters()
+    adapters = list(encoder.layer_transforms.parameters()) if encoder.layer_transforms is not None else []
+    return {"encoder_params": sum(p.numel() for p in own),
+            "adapter_params": sum(p.numel() for p in adapters),
+            "trainable_encoder_params": sum(p.numel() for p in encoder.parameters() if p.requires_grad)}
+
+
+def enable_grad_checkpointing(encoder: SpeechEncoder) -> None:
+    """Recompute each transformer layer's activations in the backward pass instead of storing them.
+
+    Wraps each layer's ``forward`` (not ``__call__``), so the encoder's hooks and adapters stay outside
+    the checkpoint. Recomputation is exact because the encoder runs in eval mode (no dropout). It only
+    saves memory when gradients flow through the layers (``full``, ``bitfit``, adapters).
+    """
+    for layer in encoder.layers:
+        if getattr(layer, "_hff_checkpointed", False):
+            continue
+        inner = layer.forward
+
+        @functools.wraps(inner)
+        def forward(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        layer.forward = forward
+        layer._hff_checkpointed = True

@@ -1,0 +1,370 @@
+"""Integrity check of a feature cache: the index against the arrays, the commit-time checksums, NaN/Inf.
+
+``verify_cache`` reads every committed part once, in chunk-sized row blocks (memory stays at one chunk per
+thread whatever the cache size), and reports every problem it finds instead of stopping at the first one.
+It never writes and takes no lock, so it is safe to run next to a live extraction (parts still being
+written are uncommitted and only listed as warnings).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from zarr.core.sync import sync
+
+from .codecs import Codec, get_codec
+from .format import (
+    CHECKSUM_ALGORITHM,
+    INDEX_ARRAYS,
+    PARTS,
+    STATS_ARRAYS,
+    CacheFormatError,
+    CacheMeta,
+    array_checksum,
+    cache_id,
+    crc32_update,
+    layer_name,
+    parse_part_id,
+    side_name,
+)
+from .reader import (
+    CacheReader,
+    list_part_ids,
+    load_root_meta,
+    open_array,
+    open_store,
+    quiet_numcodecs,
+    read_json,
+    read_part_attrs,
+)
+
+_LOCKS = ".locks"
+
+
+@dataclass
+class Problem:
+    """One integrity failure. ``kind``: missing | unreadable | checksum | index | shape | nonfinite |
+    duplicate | reader."""
+
+    kind: str
+    message: str
+    part: str | None = None
+    array: str | None = None
+
+    def __str__(self) -> str:
+        where = "/".join(x for x in (self.part, self.array) if x)
+        return f"{where}: {self.message}" if where else self.message
+
+
+@dataclass
+class VerifyReport:
+    url: str
+    cache_id: str = ""
+    codec: str = ""
+    layers: list[int] = field(default_factory=list)
+    committed_parts: int = 0
+    uncommitted_parts: list[str] = field(default_factory=list)
+    utterances: int = 0
+    frames: int = 0
+    skipped: int = 0
+    arrays_checked: int = 0
+    values_checked: int = 0  # feature values scanned for NaN/Inf (0 with scan_values=False)
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["problems"] = [{**asdict(p), "text": str(p)} for p in self.problems]
+        return d
+
+
+def verify_cache(url: str, storage_options: dict | None = None, *, scan_values: bool = True,
+                 threads: int = 4, on_part: Callable[[str], None] | None = None) -> VerifyReport:
+    """Check every committed part of the cache at ``url``; ``report.ok`` when sound.
+
+    Raises ``CacheFormatError`` only when ``url`` is not a feature cache at all (no readable root); every
+    other defect becomes a ``Problem`` in the report.
+    """
+    start = time.perf_counter()
+    try:
+        store = open_store(url, storage_options, read_only=True)
+    except FileNotFoundError as e:
+        raise CacheFormatError(str(e)) from e
+    meta = load_root_meta(store, url)
+    codec = get_codec(meta.codec.name, **meta.codec.params)  # unknown codec: CacheFormatError, say so
+    rep = VerifyReport(url=str(url), cache_id=cache_id(meta), codec=meta.codec.name, layers=list(meta.layers))
+    if read_json(store, f"{PARTS}/zarr.json") is None:
+        rep.warnings.append(f"{PARTS}/zarr.json is missing (no part was ever started, or it was deleted)")
+    pids = list_part_ids(store)
+    _stray_names(store, rep)
+    attrs = read_part_attrs(store, pids)
+    committed = []
+    for pid, a in zip(pids, attrs, strict=True):
+        if a is not None and a.get("committed") is True:
+            committed.append((pid, a))
+        else:
+            rep.uncommitted_parts.append(pid)
+            rep.warnings.append(f"part {pid} is not committed: being written now, or left by an interrupted run "
+                                "(invisible to readers; the next extract of its worker removes and redoes it)")
+    rep.committed_parts = len(committed)
+
+    def check(item: tuple[str, dict]) -> _PartResult:
+        res = _check_part(store, item[0], item[1], meta, codec, scan_values)
+        if on_part is not None:
+            on_part(item[0])
+        return res
+
+    with quiet_numcodecs(), ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(check, committed))
+
+    first_part: dict[str, str] = {}
+    skipped_ids: set[str] = set()
+    for (pid, a), res in zip(committed, results, strict=True):
+        rep.problems.extend(res.problems)
+        rep.arrays_checked += res.arrays
+        rep.values_checked += res.values
+        rep.utterances += len(res.ids)
+        rep.frames += res.frames
+        again: dict[str, list[str]] = {}  # earlier part -> ids of this part already there
+        for uid in dict.fromkeys(res.ids):  # repeats inside one part are reported by _check_index
+            if uid in first_part:
+                again.setdefault(first_part[uid], []).append(uid)
+            else:
+                first_part[uid] = pid
+        for other, uids in again.items():
+            rep.problems.append(Problem("duplicate", f"{len(uids)} utterance id(s) also in part {other}, e.g. "
+                                        f"{uids[0]!r} (readers keep the first copy)", pid, "ids"))
+        for rec in a.get("skipped") or []:
+            skipped_ids.add(str(rec.get("id")) if isinstance(rec, dict) else str(rec))
+        rep.skipped += len(a.get("skipped") or [])
+    both = sorted(skipped_ids & set(first_part))
+    if both:
+        rep.warnings.append(f"{len(both)} id(s) have features and a skip record, e.g. {both[0]!r}")
+    if not rep.problems:
+        # End to end: the reader must open what the checks above passed (catches gaps in this checker).
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                n = len(CacheReader(url, storage_options))
+            if n < rep.utterances:  # more is fine: parts committed by a live extraction since the scan
+                rep.problems.append(Problem("reader", f"the reader indexes {n} utterances, the parts hold "
+                                            f"{rep.utterances}"))
+        except Exception as e:  # noqa: BLE001 - any failure to open is the finding
+            rep.problems.append(Problem("reader", f"the reader cannot open the cache: {type(e).__name__}: {e}"))
+    rep.seconds = time.perf_counter() - start
+    return rep
+
+
+def _stray_names(store: Any, rep: VerifyReport) -> None:
+    """Leftovers that are not part of the format: temp files of a killed write, foreign folders."""
+
+    async def _ls(prefix: str) -> list[str]:
+        return [n async for n in store.list_dir(prefix)]
+
+    try:
+        root = sync(_ls(""))
+        parts = sync(_ls(PARTS))
+    except Exception:  # noqa: BLE001 - listing is best effort (some object stores refuse it)
+        return
+    stray = [n for n in root if n.rstrip("/") not in ("zarr.json", PARTS, _LOCKS)]
+    stray += [f"{PARTS}/{n}" for n in parts if n.rstrip("/") != "zarr.json" and parse_part_id(n.rstrip("/")) is None]
+    if stray:
+        rep.warnings.append(f"ignored names that are not part of the format (e.g. temp files of a killed "
+                            f"write; safe to delete): {', '.join(sorted(stray)[:10])}"
+                            + (f" and {len(stray) - 10} more" if len(stray) > 10 else ""))
+
+
+@dataclass
+class _PartResult:
+    ids: list[str] = field(default_factory=list)
+    frames: int = 0
+    arrays: int = 0
+    values: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _check_part(store: Any, pid: str, attrs: dict, meta: CacheMeta, codec: Codec,
+                scan_values: bool) -> _PartResult:
+    res = _PartResult()
+
+    def bad(kind: str, msg: str, array: str | None = None) -> None:
+        res.problems.append(Problem(kind, msg, pid, array))
+
+    n_utt, n_frames = attrs.get("num_utterances"), attrs.get("num_frames")
+    if not isinstance(n_utt, int) or not isinstance(n_frames, int) or n_utt < 0 or n_frames < 0:
+        bad("index", f"commit marker lacks valid num_utterances/num_frames ({n_utt!r}, {n_frames!r})")
+        n_utt = n_frames = None
+    sums = attrs.get("checksums")
+    if attrs.get("checksum_algorithm", CHECKSUM_ALGORITHM) != CHECKSUM_ALGORITHM or not isinstance(sums, dict):
+        bad("checksum", f"commit marker has no {CHECKSUM_ALGORITHM} checksums")
+        sums = {}
+
+    D = meta.encoder.hidden_size
+    row = codec.row_shape(D)
+    expected: dict[str, tuple[tuple[int, ...] | None, np.dtype | None]] = {}
+    for name in INDEX_ARRAYS:
+        expected[name] = ((n_utt,) if n_utt is not None else None, None)
+    for name in STATS_ARRAYS:
+        expected[name] = ((len(meta.layers), D), np.dtype("float64"))
+    sides = _side_layouts(codec, D)
+    for k in meta.layers:
+        expected[layer_name(k)] = ((n_frames, *row) if n_frames is not None else None, codec.dtype)
+        for suffix, (per_frame, shape, dtype) in sides.items():
+            full = (n_frames, *shape) if per_frame else shape
+            expected[side_name(suffix, k)] = (full if n_frames is not None or not per_frame else None, dtype)
+    for name in sorted(set(sums) - set(expected)):
+        expected[name] = (None, None)  # checksummed at commit but unknown here: still check its checksum
+
+    index: dict[str, np.ndarray] = {}
+    for name, (shape, dtype) in expected.items():
+        path = f"{PARTS}/{pid}/{name}"
+        try:
+            arr = open_array(store, path)
+        except Exception as e:  # noqa: BLE001 - missing or unreadable metadata
+            missing = isinstance(e, FileNotFoundError)  # zarr's ArrayNotFoundError is one
+            bad("missing" if missing else "unreadable", f"array metadata cannot be opened ({type(e).__name__}: "
+                f"{e})", name)
+            continue
+        if shape is not None and tuple(arr.shape) != tuple(shape):
+            bad("shape", f"shape {tuple(arr.shape)}, expected {tuple(shape)} from the commit marker and the "
+                "cache's layers/hidden size", name)
+            continue
+        if dtype is not None and np.dtype(arr.dtype) != dtype:
+            bad("shape", f"dtype {arr.dtype}, expected {dtype} for codec {codec.name!r}", name)
+            continue
+        want = sums.get(name)
+        if want is None:
+            bad("checksum", "no checksum was recorded for this array at commit", name)
+        res.arrays += 1
+        is_layer = name.startswith("layer_")
+        try:
+            got, nonfinite = _scan(arr, scan_values or not is_layer, index if name in INDEX_ARRAYS else None, name)
+        except Exception as e:  # noqa: BLE001 - a chunk that does not decode (flipped bytes, truncated file)
+            bad("unreadable", f"stored data cannot be read ({type(e).__name__}: {e})", name)
+            continue
+        if want is not None and got != want:
+            bad("checksum", f"{CHECKSUM_ALGORITHM} {got} != {want} recorded at commit: the stored values changed "
+                "after the part was committed (corrupt or missing chunk file)", name)
+        if is_layer and scan_values:
+            res.values += int(np.prod(arr.shape))
+        if nonfinite:
+            first, count = nonfinite
+            who = _utt_at(index, first) if is_layer else ""
+            bad("nonfinite", f"{count} NaN/Inf value(s), first at row {first}{who}", name)
+
+    _check_index(index, n_frames, bad)
+    if "ids" in index:
+        res.ids = [str(x) for x in index["ids"].tolist()]
+    res.frames = int(n_frames or 0)
+    return res
+
+
+def _side_layouts(codec: Codec, dim: int) -> dict[str, tuple[bool, tuple[int, ...], np.dtype]]:
+    """{suffix: (has a frame axis, shape without it or whole, dtype)} of a codec's side arrays, learnt by
+    encoding one and two frames of zeros, so a codec added later is checked without teaching this file."""
+    one, two = (codec.encode(np.zeros((n, dim), np.float32)) for n in (1, 2))
+    out = {}
+    for suffix in codec.side_suffixes:
+        a, b = np.asarray(one[suffix]), np.asarray(two[suffix])
+        per_frame = a.ndim >= 1 and b.ndim >= 1 and (a.shape[0], b.shape[0]) == (1, 2)
+        out[suffix] = (per_frame, tuple(a.shape[1:]) if per_frame else tuple(a.shape), a.dtype)
+    return out
+
+
+def _scan(arr: Any, check_finite: bool, keep: dict[str, np.ndarray] | None, name: str
+          ) -> tuple[str, tuple[int, int] | None]:
+    """Checksum of an array (feature arrays read one chunk of rows at a time) and, if asked, the first row
+    and count of NaN/Inf values. Index arrays are kept whole in ``keep`` for the index checks."""
+    if arr.dtype.kind in "OUT" or keep is not None or arr.ndim == 0 or arr.shape[0] == 0:
+        values = arr[...]
+        if keep is not None:
+            keep[name] = values
+        return array_checksum(values), (_nonfinite(values, 0) if check_finite else None)
+    step = max(1, int(arr.chunks[0]))
+    crc, first, count = 0, None, 0
+    for lo in range(0, arr.shape[0], step):
+        block = arr[lo:lo + step]
+        crc = crc32_update(crc, block)
+        found = _nonfinite(block, lo) if check_finite else None
+        if found:
+            first = found[0] if first is None else first
+            count += found[1]
+    return f"{crc:08x}", ((first, count) if first is not None else None)
+
+
+def _nonfinite(values: np.ndarray, row0: int) -> tuple[int, int] | None:
+    if values.dtype.kind != "f" or values.size == 0:
+        return None
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return None
+    rows = bad.reshape(bad.shape[0], -1).any(axis=1) if bad.ndim else bad.reshape(1)
+    return row0 + int(np.argmax(rows)), int(bad.sum())
+
+
+def _utt_at(index: dict[str, np.ndarray], row: int) -> str:
+    try:
+        offsets, ids = index["offsets"], index["ids"]
+        i = int(np.searchsorted(offsets, row, side="right")) - 1
+        return f" (utterance {str(ids[i])!r})" if 0 <= i < len(ids) else ""
+    except (KeyError, IndexError, ValueError):
+        return ""
+
+
+def _check_index(index: dict[str, np.ndarray], n_frames: int | None,
+                 bad: Callable[..., None]) -> None:
+    """ids unique and non-empty, offsets contiguous from 0, lengths summing to the part's frames."""
+    ids, offsets, lengths = index.get("ids"), index.get("offsets"), index.get("lengths")
+    if ids is not None:
+        strs = [str(x) for x in ids.tolist()]
+        if any(not s for s in strs):
+            bad("index", "an utterance id is empty", "ids")
+        dups = sorted(s for s, n in Counter(strs).items() if n > 1)
+        if dups:
+            bad("duplicate", f"{len(dups)} id(s) appear twice in this part, e.g. {dups[0]!r}", "ids")
+    for name in ("offsets", "lengths", "num_samples"):
+        a = index.get(name)
+        if a is not None and (a.dtype.kind not in "iu"):
+            bad("index", f"{name} has dtype {a.dtype}, expected integers", name)
+            return
+    if lengths is not None:
+        if (lengths < 0).any():
+            bad("index", f"negative length at utterance {int(np.argmax(lengths < 0))}", "lengths")
+        elif n_frames is not None and int(lengths.sum()) != n_frames:
+            bad("index", f"lengths sum to {int(lengths.sum())} frames, the commit marker says {n_frames}", "lengths")
+    if offsets is not None and lengths is not None and len(offsets) == len(lengths):
+        want = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+        if not np.array_equal(offsets, want):
+            i = int(np.argmax(offsets != want))
+            bad("index", f"offsets are not contiguous: utterance {i} starts at {int(offsets[i])}, expected "
+                f"{int(want[i])} (offsets[i+1] = offsets[i] + lengths[i])", "offsets")
+    samples = index.get("num_samples")
+    if samples is not None and (samples < 0).any():
+        bad("index", "negative num_samples", "num_samples")
+    metas = index.get("meta")
+    if metas is not None:
+        for j, m in enumerate(metas.tolist()):
+            try:
+                ok = isinstance(json.loads(str(m) or "{}"), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                bad("index", f"meta of utterance {j} is not a JSON object", "meta")
+                break
+
+
+__all__ = ["Problem", "VerifyReport", "verify_cache"]

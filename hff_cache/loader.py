@@ -1,0 +1,301 @@
+"""Batches from a feature cache: length-bucketed, shuffled by whole blocks, decoded ahead in threads.
+
+Reading pattern (why it is fast): the labelled utterances of each part are cut into *blocks* of
+consecutive utterances (about ``block_frames`` frames, a few Zarr chunks). An epoch shuffles blocks,
+pools blocks into windows of about ``shuffle_frames`` frames, sorts each window by length and cuts it into
+batches of at most ``batch_frames`` padded frames, then shuffles the batch order. Every block is fetched
+with one ``CacheReader.read_many`` call (one contiguous range per layer), so each compressed chunk is
+decoded once per epoch -- never one random utterance per chunk decode. A producer thread decodes the
+next window with ``num_workers`` threads while the model trains on the current one; a bounded queue of
+``prefetch`` batches limits memory.
+
+``in_memory`` loads every labelled frame once into a float16 tensor (exact for fp16 caches) and then
+only gathers batches from RAM. The plan of an epoch depends only on (seed, epoch), never on thread
+timing, so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+__all__ = ["Batch", "BatchSource", "CacheBatches", "collate_targets", "plan_batches", "memory_available"]
+
+
+@dataclass
+class Batch:
+    """One training/eval batch. Cached mode fills ``feats``; online mode fills ``waves`` instead."""
+
+    ids: list[str]
+    lengths: torch.Tensor  # (B,) valid feature frames
+    targets: torch.Tensor  # CTC: (B, S) padded symbol ids; classification: (B,) class ids
+    target_lengths: torch.Tensor | None = None  # CTC: (B,)
+    feats: torch.Tensor | None = None  # (B, T, L, D), zero-padded
+    waves: list[np.ndarray] | None = field(default=None, repr=False)  # online mode: raw audio
+    inputs: Any = field(default=None, repr=False)  # online mode: EncoderBatch (encoder.prepare, on CPU)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.lengths.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return replace(self, lengths=mv(self.lengths), targets=mv(self.targets),
+                       target_lengths=mv(self.target_lengths), feats=mv(self.feats),
+                       inputs=None if self.inputs is None else self.inputs.to(device))
+
+
+class BatchSource(Protocol):
+    """What the training loop consumes: a deterministic sequence of batches per epoch."""
+
+    def epoch(self, epoch: int) -> Iterator[Batch]: ...
+
+    def __len__(self) -> int: ...
+
+
+def plan_batches(positions: Sequence[int], lengths: np.ndarray, batch_frames: int,
+                 max_utts: int) -> list[list[int]]:
+    """Sort ``positions`` by length (ties by position) and cut greedily so that padded frames
+    (longest x count) stay <= ``batch_frames``; an utterance longer than the budget gets its own batch."""
+    order = sorted(positions, key=lambda p: (int(lengths[p]), p))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for p in order:
+        n = int(lengths[p])  # sorted ascending, so n is the longest so far
+        if cur and (n * (len(cur) + 1) > batch_frames or len(cur) >= max_utts):
+            batches.append(cur)
+            cur = []
+        cur.append(p)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def collate_targets(targets: Sequence[Any], ctc: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not ctc:
+        return torch.tensor([int(t) for t in targets], dtype=torch.long), None
+    tl = torch.tensor([len(t) for t in targets], dtype=torch.long)
+    out = torch.zeros(len(targets), max(1, int(tl.max()) if len(targets) else 1), dtype=torch.long)
+    for i, t in enumerate(targets):
+        out[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+    return out, tl
+
+
+def memory_available() -> int:
+    """Bytes of RAM available now (MemAvailable on Linux; total physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+_DONE = object()
+
+
+class CacheBatches:
+    """A ``BatchSource`` over one cache and the labelled utterances of a task (``TaskData``)."""
+
+    def __init__(self, reader: Any, data: Any, *, ctc: bool, layers: Sequence[int] | None = None,
+                 batch_frames: int = 20_000, max_batch_utts: int = 64, shuffle: bool = True, seed: int = 0,
+                 in_memory: bool | str = "auto", shuffle_frames: int = 100_000, block_frames: int = 8192,
+                 num_workers: int = 2, prefetch: int = 4) -> None:
+        self.reader = reader
+        self.data = data
+        self.ctc = ctc
+        self.layers = list(layers) if layers is not None else None
+        self.num_layers = len(self.layers) if self.layers is not None else len(reader.meta.layers)
+        self.hidden_size = int(reader.meta.encoder.hidden_size)
+        self.batch_frames, self.max_batch_utts = int(batch_frames), int(max_batch_utts)
+        self.shuffle, self.seed = shuffle, int(seed)
+        self.shuffle_frames = int(shuffle_frames)
+        self.num_workers, self.prefetch = max(1, int(num_workers)), max(1, int(prefetch))
+        self.indices = np.asarray(data.indices, dtype=np.int64)
+        self.lengths = np.asarray(reader.lengths, dtype=np.int64)[self.indices]
+        self.blocks = self._make_blocks(int(block_frames))
+        self.nbytes_fp16 = int(self.lengths.sum()) * self.num_layers * self.hidden_size * 2
+        if in_memory == "auto":
+            # half of what is free leaves room for the batches, the model and a second (valid) cache
+            in_memory = self.nbytes_fp16 < 0.5 * memory_available()
+        self.in_memory = bool(in_memory)
+        self._mem: torch.Tensor | None = None
+        self._mem_offsets: np.ndarray | None = None
+
+    # -- planning --
+
+    def _make_blocks(self, block_frames: int) -> list[np.ndarray]:
+        """Positions (into ``data``) of consecutive utterances of one part, about ``block_frames`` long."""
+        part_of = np.empty(len(self.indices), dtype=np.int64)
+        for k, info in enumerate(self.reader.parts()):
+            part_of[(self.indices >= info.start) & (self.indices < info.stop)] = k
+        blocks: list[np.ndarray] = []
+        cur: list[int] = []
+        frames = 0
+        for p in range(len(self.indices)):
+            if cur and (part_of[p] != part_of[cur[-1]] or frames >= block_frames):
+                blocks.append(np.asarray(cur))
+                cur, frames = [], 0
+            cur.append(p)
+            frames += int(self.lengths[p])
+        if cur:
+            blocks.append(np.asarray(cur))
+        return blocks
+
+    def plan(self, epoch: int) -> list[tuple[list[np.ndarray], list[list[int]]]]:
+        """[(blocks of a window, batches of positions)] for ``epoch``; a pure function of (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.blocks)) if self.shuffle else np.arange(len(self.blocks))
+        windows: list[list[np.ndarray]] = [[]]
+        frames = 0
+        for b in order:
+            if windows[-1] and frames >= self.shuffle_frames:
+                windows.append([])
+                frames = 0
+            windows[-1].append(self.blocks[b])
+            frames += int(self.lengths[self.blocks[b]].sum())
+        out = []
+        for blocks in windows:
+            if not blocks:
+                continue
+            positions = np.concatenate(blocks).tolist()
+            batches = plan_batches(positions, self.lengths, self.batch_frames, self.max_batch_utts)
+            if self.shuffle:
+                batches = [batches[i] for i in rng.permutation(len(batches))]
+            out.append((blocks, batches))
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(b) for _, b in self.plan(0))
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.lengths.sum())
+
+    # -- reading --
+
+    def _read_block(self, block: np.ndarray) -> list[np.ndarray]:
+        return self.reader.read_many(self.indices[block].tolist(), self.layers)
+
+    def load(self) -> None:
+        """Decode every labelled frame once into a float16 tensor (``in_memory``)."""
+        if self._mem is not None:
+            return
+        offsets = np.zeros(len(self.indices) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        mem = torch.empty(int(offsets[-1]), self.num_layers, self.hidden_size, dtype=torch.float16)
+
+        def fill(block: np.ndarray) -> None:
+            for p, arr in zip(block.tolist(), self._read_block(block), strict=True):
+                mem[offsets[p]: offsets[p + 1]] = torch.from_numpy(arr)
+
+        with ThreadPoolExecutor(self.num_workers) as pool:
+            list(pool.map(fill, self.blocks))
+        self._mem, self._mem_offsets = mem, offsets
+
+    def _collate(self, batch: list[int], feats: dict[int, Any]) -> Batch:
+        lens = [int(self.lengths[p]) for p in batch]
+        dtype = torch.float16 if self.in_memory else torch.float32
+        x = torch.zeros(len(batch), max(lens), self.num_layers, self.hidden_size, dtype=dtype)
+        for i, p in enumerate(batch):
+            f = feats[p]
+            x[i, : lens[i]] = f if isinstance(f, torch.Tensor) else torch.from_numpy(f)
+        targets, target_lengths = collate_targets([self.data.targets[p] for p in batch], self.ctc)
+        return Batch(ids=[self.data.ids[p] for p in batch], lengths=torch.tensor(lens, dtype=torch.long),
+                     targets=targets, target_lengths=target_lengths, feats=x)
+
+    def _window_feats(self, blocks: list[np.ndarray], pool: ThreadPoolExecutor | None) -> Any:
+        """Future-like: .result() -> {position: (T, L, D) array or tensor view}."""
+        if self.in_memory:
+            mem, off = self._mem, self._mem_offsets
+            assert mem is not None and off is not None
+            views = {p: mem[off[p]: off[p + 1]] for b in blocks for p in b.tolist()}
+            return _Done(views)
+        assert pool is not None
+        futures = [(b, pool.submit(self._read_block, b)) for b in blocks]
+        return _Gather(futures)
+
+    def _produce(self, epoch: int, out: queue.Queue, stop: threading.Event) -> None:
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            pool = None if self.in_memory else ThreadPoolExecutor(self.num_workers)
+            try:
+                windows = self.plan(epoch)
+                pending = self._window_feats(windows[0][0], pool) if windows else None
+                for w, (_, batches) in enumerate(windows):
+                    feats = pending.result()
+                    # start decoding the next window before handing this one out
+                    pending = self._window_feats(windows[w + 1][0], pool) if w + 1 < len(windows) else None
+                    for batch in batches:
+                        if not put(self._collate(batch, feats)):
+                            return
+                    del feats
+            finally:
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+            put(_DONE)
+        except BaseException as exc:  # hand any failure to the consumer, which re-raises it
+            put(exc)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of ``epoch``, decoded ahead in a background thread."""
+        if self.in_memory:
+            self.load()
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        worker = threading.Thread(target=self._produce, args=(epoch, out, stop), daemon=True,
+                                  name=f"hff-loader-{epoch}")
+        worker.start()
+        try:
+            while True:
+                item = out.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # the consumer stopped early (or finished): release the producer
+            worker.join()
+
+
+class _Done:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+class _Gather:
+    def __init__(self, futures: list[tuple[np.ndarray, Any]]) -> None:
+        self.futures = futures
+
+    def result(self) -> dict[int, np.ndarray]:
+        feats: dict[int, np.ndarray] = {}
+        for block, fut in self.futures:
+            feats.update(zip(block.tolist(), fut.result(), strict=True))
+        return feats

@@ -1,0 +1,201 @@
+"""The trainable model: optional frozen encoder -> fusion body -> task head.
+
+Cached mode has ``encoder=None`` and reads (B, T, L, D) features from the batch; online mode
+(``hff_cache.online``) sets an encoder and computes the same features from ``batch.inputs``. Everything
+after ``features`` -- normalisation, SpecAugment, fusion, head, loss, decoding -- is shared, so the
+training loop, checkpoints and metrics do not know which mode they run.
+
+Online, the encoder always stays in eval mode, whatever ``model.train()`` says: no dropout or layerdrop,
+BatchNorm statistics fixed. ``hff-frozen`` then computes exactly the cached features, and every method
+sees one deterministic encoder, so the comparison is between what each method trains, and gradient
+checkpointing recomputes exactly. Regularisation comes from SpecAugment on the features and the head's
+dropout, as in cached training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hff_cache.fusion import FusionConfig, build_model_body, count_parameters, spec_augment
+from hff_cache.heads import ClassifierHead, CTCHead
+from hff_cache.loader import Batch
+
+__all__ = ["HFFModel", "ModelSpec", "SpecAugment"]
+
+
+@dataclass
+class SpecAugment:
+    time_masks: int = 0
+    time_width: int = 0
+    feat_masks: int = 0
+    feat_width: int = 0
+
+    @property
+    def active(self) -> bool:
+        return (self.time_masks > 0 and self.time_width > 0) or (self.feat_masks > 0 and self.feat_width > 0)
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild the model's shapes (stored in the run's config.json)."""
+
+    fusion: dict[str, Any]  # FusionConfig as a dict
+    num_layers: int
+    hidden_size: int
+    head: str  # ctc | classify
+    vocab_size: int  # CTC symbols incl. blank, or classes
+    layers: list[int]  # hidden-state indices the model reads (in order)
+    pooling: str = "mean"
+    normalize: str = "none"  # none | stats (buffers ``norm_mean``/``norm_std`` in the weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+class HFFModel(nn.Module):
+    """encoder (optional, frozen) -> per-layer normalisation -> FusionNetwork -> CTC/classifier head."""
+
+    def __init__(self, spec: ModelSpec, encoder: nn.Module | None = None,
+                 augment: SpecAugment | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.encoder = encoder
+        self.augment = augment or SpecAugment()
+        self.body = build_model_body(FusionConfig(**spec.fusion), spec.num_layers, spec.hidden_size)
+        if spec.head == "ctc":
+            self.head: nn.Module = CTCHead(self.body.out_width, spec.vocab_size)
+        elif spec.head == "classify":
+            self.head = ClassifierHead(self.body.out_width, spec.vocab_size, spec.pooling)
+        else:
+            raise ValueError(f"unknown head {spec.head!r}; use ctc or classify")
+        # Per-layer standardisation from cache statistics (identity unless set_stats is called); buffers,
+        # so they travel with the weights and evaluation normalises exactly like training.
+        self.register_buffer("norm_mean", torch.zeros(spec.num_layers, spec.hidden_size))
+        self.register_buffer("norm_std", torch.ones(spec.num_layers, spec.hidden_size))
+
+    @property
+    def is_ctc(self) -> bool:
+        return self.spec.head == "ctc"
+
+    def set_stats(self, mean: Any, std: Any) -> None:
+        self.norm_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.norm_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-5))
+
+    def train(self, mode: bool = True) -> HFFModel:
+        super().train(mode)
+        if self.encoder is not None:
+            self.encoder.eval()  # see the module docstring
+        return self
+
+    def features(self, batch: Batch) -> torch.Tensor:
+        """(B, T, L, D) features: from the batch (cached) or the encoder (online)."""
+        if batch.feats is not None:
+            return batch.feats
+        if self.encoder is None:
+            raise ValueError("batch has no features and the model has no encoder (online mode)")
+        inputs = batch.inputs
+        if inputs is None:
+            if batch.waves is None:
+                raise ValueError("online batch has neither encoder inputs nor waveforms")
+            inputs = self.encoder.prepare(batch.waves).to(batch.lengths.device)
+        # No trainable encoder parameter (hff-frozen, or a frozen encoder at inference): no graph at all,
+        # which is what makes hff-frozen cost one plain forward pass, as extraction does.
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(grad):
+            states = self.encoder(inputs, self.spec.layers)
+        x = torch.stack(states, dim=2)
+        # zero padded frames, as the cache's collate does (they never reach real frames either way)
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < batch.lengths.to(x.device)[:, None]
+        return x.masked_fill(~valid[:, :, None, None], 0.0)
+
+    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """CTC log-probs (B, T, V) or class logits (B, C)."""
+        x = self.features(batch)
+        if self.spec.normalize == "stats":
+            x = (x.float() - self.norm_mean) / self.norm_std
+        if self.training and self.augment.active:
+            x = self._augment(x, batch.lengths, generator)
+        h = self.body(x, batch.lengths)
+        return self.head(h) if self.is_ctc else self.head(h, batch.lengths)
+
+    def _augment(self, x: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator | None
+                 ) -> torch.Tensor:
+        """SpecAugment with ``fusion.spec_augment``'s distribution (spans shared by all layers), but zeroing
+        the masked spans in place: a cached batch is freshly collated for this step, and touching only the
+        masked spans avoids a full copy of the (B, T, L, D) batch (~25% of a step on CPU)."""
+        a = self.augment
+        if self.encoder is None and x.is_leaf and not x.requires_grad:
+            b, t, _, d = x.shape
+
+            def draw(high: int) -> int:  # uniform in [0, high], as spec_augment draws
+                return int(torch.randint(0, max(high, 0) + 1, (1,), generator=generator))
+
+            for i, n in enumerate(lengths.cpu().tolist()):
+                n = min(int(n), t)
+                for _ in range(a.time_masks):
+                    w = draw(min(a.time_width, n))
+                    s = draw(n - w)
+                    x[i, s:s + w] = 0
+                for _ in range(a.feat_masks):
+                    w = draw(min(a.feat_width, d))
+                    s = draw(d - w)
+                    x[i, :, :, s:s + w] = 0
+            return x
+        return spec_augment(x, lengths, a.time_masks, a.time_width, a.feat_masks, a.feat_width, generator)
+
+    def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if self.is_ctc:
+            return self.head.loss(out, batch.lengths, batch.targets, batch.target_lengths)
+        return self.head.loss(out, batch.targets)
+
+    def predict(self, out: torch.Tensor, batch: Batch) -> list[Any]:
+        """Greedy CTC symbol ids per utterance, or the class id per utterance."""
+        if self.is_ctc:
+            return self.head.greedy_decode(out, batch.lengths)
+        return out.argmax(-1).tolist()
+
+    def trainable_parameters(self) -> int:
+        return count_parameters(self)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters split as the papers count them: encoder (adapters included) vs fusion+head."""
+        from hff_cache.adapters import encoder_parameter_counts
+
+        enc = encoder_parameter_counts(self.encoder)
+        total = count_parameters(self)
+        return {"trainable_params": total, "trainable_encoder_params": enc["trainable_encoder_params"],
+                "trainable_fusion_head_params": total - enc["trainable_encoder_params"],
+                "encoder_params": enc["encoder_params"], "adapter_params": enc["adapter_params"]}
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """``state_dict`` without the encoder's frozen weights and buffers: they come from the encoder the
+        run names (checked by file hash when loading), so a checkpoint holds fusion, head, adapters and
+        the encoder weights the method trained -- not a copy of the whole foundation model."""
+        state = self.state_dict()
+        if self.encoder is None:
+            return state
+        keep = {f"encoder.{n}" for n, p in self.encoder.named_parameters() if p.requires_grad}
+        if self.encoder.layer_transforms is not None:
+            keep |= {f"encoder.layer_transforms.{k}" for k in self.encoder.layer_transforms.state_dict()}
+        return {k: v for k, v in state.items() if not k.startswith("encoder.") or k in keep}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``checkpoint_state``: every key it would save must be present, nothing else."""
+        expected, got = set(self.checkpoint_state()), set(state)
+        if expected != got:
+            missing, extra = sorted(expected - got), sorted(got - expected)
+            raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]} ({len(missing)}), "
+                             f"unexpected {extra[:5]} ({len(extra)}); was it trained with another method?")
+        self.load_state_dict(state, strict=self.encoder is None)
+
+    def layer_weights(self) -> dict[str, Any]:
+        w = self.body.layer_weights()
+        return {**w, "layer": [float(v) for v in w["layer"]], "hidden_states": list(self.spec.layers)}

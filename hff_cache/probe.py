@@ -1,0 +1,63 @@
+"""Layer probe: the same small head trained on each stored hidden state alone.
+
+Each probe is an ordinary run (``DIR/layer_KK/``) whose model reads one hidden state -- the loader asks the
+cache for that layer only (``read_many(layers=[k])``), so a probe decodes 1/L of the cache. Rows go to
+``DIR/probe.csv`` (layer, metrics, trainable params, epoch seconds) and ``DIR/probe.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hff_cache.config import TrainConfig
+
+__all__ = ["probe"]
+
+_METRICS = ("wer", "cer", "per", "accuracy")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def probe(base: TrainConfig, out: str | Path, layers: Sequence[int] | None = None,
+          log: Callable[[str], None] = _log) -> list[dict[str, Any]]:
+    """Train ``base`` (its fusion becomes ``last`` over one layer) once per hidden state in ``layers``
+    (default: every stored one). A layer whose run already finished is reused unless ``base.force``."""
+    from hff_cache.cache import CacheReader
+    from hff_cache.plots import plot_probe
+    from hff_cache.train import train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stored = CacheReader(base.cache).meta.layers
+    layers = list(layers) if layers is not None else list(stored)
+    rows: list[dict[str, Any]] = []
+    for k in layers:
+        run = out / f"layer_{k:02d}"
+        fusion = dataclasses.replace(base.fusion, kind="last")
+        cfg = dataclasses.replace(base, layers=[k], fusion=fusion, out=str(run))
+        done = run / "metrics.json"
+        if done.exists() and not base.force:
+            metrics = json.loads(done.read_text())
+            log(f"probe layer {k}: reusing {run}")
+        else:
+            log(f"probe layer {k}: training {run}")
+            metrics = train(dataclasses.replace(cfg, force=True), log=log)
+        row = {"layer": k, **{m: metrics[m] for m in _METRICS if m in metrics},
+               "trainable_params": metrics["trainable_params"], "epoch_seconds": metrics["epoch_seconds"]}
+        rows.append(row)
+    with (out / "probe.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    keys = [m for m in _METRICS if m in rows[0]]
+    plot_probe(rows, out / "probe.png", metrics=keys)
+    return rows

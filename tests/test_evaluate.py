@@ -1,0 +1,95 @@
+"""Metrics agree with jiwer; `evaluate` decodes a run on a cache and writes hyps.jsonl; CLI wiring."""
+
+import json
+import shutil
+
+import jiwer
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hff_cache.cli import app
+from hff_cache.evaluate import accuracy, cache_name, error_rates, evaluate_run, task_metrics
+from hff_cache.testing import tiny_cache
+from hff_cache.train import RunError
+
+TEXTS = ["AB", "BA", "ABBA", "BAB", "A B", "BB A"]
+
+
+def test_error_rates_agree_with_jiwer_and_hand_counts():
+    refs = ["the cat sat on the mat", "hello world", "a b c"]
+    hyps = ["the cat sit on mat", "hello world", "a x b c"]
+    r = error_rates(refs, hyps)
+    # 1 substitution + 1 deletion + 1 insertion over 11 reference words
+    assert r["wer"] == pytest.approx(100 * 3 / 11)
+    assert r["wer"] == pytest.approx(100 * jiwer.wer(refs, hyps))
+    assert r["cer"] == pytest.approx(100 * jiwer.cer(refs, hyps))
+    assert error_rates(["abc"], ["abd"]) == {"wer": 100.0, "cer": pytest.approx(100 / 3)}
+    assert task_metrics("phones", ["HH AH L OW"], ["HH L OW"]) == {"per": 25.0}
+    assert accuracy(["a", "b", "b", "c"], ["a", "b", "c", "c"]) == 75.0
+    with pytest.raises(ValueError):
+        error_rates(["a"], [])
+
+
+def test_cache_name():
+    assert cache_name("/x/y/valid.zarr") == "valid"
+    assert cache_name("s3://bucket/caches/dev.zarr/") == "dev"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval")
+    cache = tiny_cache(root, [1.0, 1.2, 0.8, 1.5, 1.1, 0.9], TEXTS)
+    run = root / "run"
+    result = CliRunner().invoke(app, [
+        "train", "--cache", str(cache), "--valid-cache", str(cache), "--out", str(run), "--fusion", "weighted",
+        "--width", "32", "--blocks", "1", "--epochs", "3", "--batch-frames", "200", "--threads", "1",
+        "--spec-time-masks", "0"])
+    assert result.exit_code == 0, result.output
+    assert "wer" in result.output
+    return cache, run
+
+
+def test_evaluate_writes_hyps_and_matching_metrics(trained):
+    cache, run = trained
+    summary = evaluate_run(run, str(cache), checkpoint="last")
+    hyps = [json.loads(line) for line in (run / "eval/cache/hyps.jsonl").read_text().splitlines()]
+    assert [h["id"] for h in hyps] == [f"utt{i:03d}" for i in range(6)]
+    assert [h["ref"] for h in hyps] == TEXTS
+    again = error_rates([h["ref"] for h in hyps], [h["hyp"] for h in hyps])
+    assert summary["wer"] == pytest.approx(again["wer"]) and summary["cer"] == pytest.approx(again["cer"])
+    assert summary["utterances"] == 6
+    saved = json.loads((run / "eval/cache/metrics.json").read_text())
+    assert saved["wer"] == pytest.approx(summary["wer"])
+    # the run's own last-epoch validation on the same cache gives the same numbers
+    last = json.loads((run / "metrics.json").read_text())["last"]
+    assert last["wer"] == pytest.approx(summary["wer"]) and last["cer"] == pytest.approx(summary["cer"])
+
+
+def test_evaluate_cli_json(trained):
+    cache, run = trained
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--cache", str(cache), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert {"wer", "cer", "loss", "hyps", "cache_id"} <= set(out)
+
+
+def test_evaluate_refuses_another_encoders_cache(trained, tmp_path):
+    cache, run = trained
+    other = tmp_path / "other.zarr"
+    shutil.copytree(cache, other)
+    doc = json.loads((other / "zarr.json").read_text())
+    doc["attributes"]["hff_cache"]["layers"] = [0, 1, 2, 4]
+    (other / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(RunError, match="layers"):
+        evaluate_run(run, str(other))
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--cache", str(other)])
+    assert result.exit_code == 2 and "layers" in result.output
+
+
+def test_train_cli_refuses_existing_run(trained):
+    cache, run = trained
+    result = CliRunner().invoke(app, ["train", "--cache", str(cache), "--out", str(run), "--epochs", "1"])
+    assert result.exit_code == 2
+    assert "--resume" in result.output and "--force" in result.output

@@ -1,0 +1,347 @@
+"""Fault injection: SIGKILL mid-extraction and mid-training, a full disk, two extractions on one cache.
+
+Each fault must leave a cache that `verify` passes, and resuming must end with the same cache as an
+uninterrupted run: no utterance lost, none duplicated. `benchmarks/faults.py` runs the long version
+(20+ kills on real speech with a real model).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hff_cache.cache import CacheLockedError, CacheReader, CacheWriteError, CacheWriter
+from hff_cache.cache.verify import verify_cache
+from hff_cache.config import ExtractConfig
+from hff_cache.extract import extract
+from hff_cache.testing import tiny_encoder, write_corpus
+
+MODEL = "tiny-random:wav2vec2"
+DURATIONS = [0.5 + 0.1 * (i % 7) for i in range(40)]  # 40 utterances, ~32 s, ~14 parts of 100 frames
+SMALL = ["--part-frames", "100", "--batch-seconds", "2"]
+
+
+def _cmd(manifest: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "hff_cache", "extract", "--model", MODEL, "--data", str(manifest),
+            "--out", str(out), "--no-progress", *SMALL, *extra]
+
+
+def _cfg(manifest: Path, out: Path, **kw: object) -> ExtractConfig:
+    return ExtractConfig(model=MODEL, data=str(manifest), out=str(out), progress=False, part_frames=100,
+                         batch_seconds=2.0, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CacheReader]:
+    """The manifest and an uninterrupted in-process run of it (the same weights as the CLI's model)."""
+    folder = tmp_path_factory.mktemp("faults")
+    manifest = write_corpus(folder / "audio", DURATIONS)
+    extract(_cfg(manifest, folder / "reference.zarr"), encoder=tiny_encoder("wav2vec2"))
+    return manifest, CacheReader(str(folder / "reference.zarr"))
+
+
+def assert_same_cache(got: Path, ref: CacheReader) -> None:
+    """Same ids, each once, same features (fp16; batching may differ after a resume), and `verify` passes."""
+    rep = verify_cache(str(got))
+    assert rep.ok, [str(p) for p in rep.problems]
+    assert rep.uncommitted_parts == []  # the last resume removed every interrupted part
+    r = CacheReader(str(got))
+    assert r.duplicates == [] and len(set(r.ids)) == len(r.ids)
+    assert sorted(r.ids) == sorted(ref.ids)
+    for uid in ref.ids:
+        np.testing.assert_allclose(r.read(uid), ref.read(uid), rtol=1e-2, atol=2e-3)
+
+
+def _parts(out: Path) -> tuple[set[str], int]:
+    """(part dirs, committed parts) as seen on disk right now."""
+    try:
+        names = {e.name for e in os.scandir(out / "parts") if e.is_dir()}
+    except FileNotFoundError:
+        return set(), 0
+    committed = 0
+    for n in names:
+        try:
+            committed += json.loads((out / "parts" / n / "zarr.json").read_text())["attributes"]["committed"] is True
+        except (OSError, ValueError, KeyError):
+            pass
+    return names, committed
+
+
+def kill_at_random(cmd: list[str], out: Path, rng: random.Random, timeout: float = 120.0) -> str:
+    """Start `cmd`, SIGKILL it at a random moment of its extraction; returns what happened.
+
+    Two kinds of moment: the instant a new part directory appears (its arrays are being written: the
+    interrupted-part path), or a random delay after a new commit (anywhere: encoding, buffering, writing).
+    """
+    before, done_before = _parts(out)
+    mode = rng.choice(["new-part", "after-commit"])
+    delay = rng.uniform(0.0, 0.3)
+    err = tempfile.TemporaryFile()  # a file, not a pipe nobody reads: the child can never block on it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+
+    def finished() -> str:
+        err.seek(0)
+        assert proc.returncode == 0, err.read().decode(errors="replace")
+        return "finished"
+
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return finished()
+            names, committed = _parts(out)
+            if mode == "new-part" and names - before:
+                break
+            if mode == "after-commit" and committed > done_before:
+                time.sleep(delay)
+                break
+            time.sleep(0.005)
+        else:
+            raise AssertionError(f"no progress within {timeout} s")
+        if proc.poll() is not None:
+            return finished()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        return "killed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        err.close()
+
+
+def test_sigkill_mid_extraction_then_resume(corpus: tuple[Path, CacheReader], tmp_path: Path) -> None:
+    manifest, ref = corpus
+    out = tmp_path / "killed.zarr"
+    rng = random.Random(1234)
+    kills, seen = 0, 0
+    for _ in range(2):  # CI: two kills in a row, the second one of a resumed run (the benchmark does 20+)
+        what = kill_at_random(_cmd(manifest, out), out, rng)
+        if what == "finished":
+            break
+        kills += 1
+        # After every kill: what was committed is intact and readable, and nothing committed is lost.
+        rep = verify_cache(str(out))
+        assert rep.ok, [str(p) for p in rep.problems]
+        assert rep.utterances >= seen
+        seen = rep.utterances
+    assert kills == 2  # the run is long enough (about 14 parts) to be killed twice
+    extract(_cfg(manifest, out), encoder=tiny_encoder("wav2vec2"))  # the last resume, in process: faster
+    assert_same_cache(out, ref)
+
+
+def test_damaged_part_repair_and_killed_root_write(corpus: tuple[Path, CacheReader], tmp_path: Path) -> None:
+    """The documented repair: `verify` names the damaged part; delete it and rerun the same command."""
+    import shutil
+
+    manifest, ref = corpus
+    out = tmp_path / "c.zarr"
+    shutil.copytree(ref.url, out)
+    victim = sorted((out / "parts").iterdir())[3]
+    chunk = victim / "layer_01" / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-7])  # e.g. a power cut after the marker reached the disk
+    rep = verify_cache(str(out))
+    assert {p.part for p in rep.problems} == {victim.name}
+    shutil.rmtree(victim)
+    extract(_cfg(manifest, out), encoder=tiny_encoder("wav2vec2"))
+    assert_same_cache(out, ref)
+
+
+# --- full disk --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):  # noqa: ANN201 - yields the mount point
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], check=True,
+                       capture_output=True, text=True)
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {detail.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_tmpfs(corpus: tuple[Path, CacheReader], small_tmpfs: Path) -> None:
+    manifest, ref = corpus
+    out = small_tmpfs / "c.zarr"
+    run = subprocess.run(_cmd(manifest, out), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "the disk is full" in run.stderr and "Committed parts are intact" in run.stderr
+    assert "rerun the same command" in run.stderr and "Traceback" not in run.stderr
+    rep = verify_cache(str(out))
+    assert rep.ok and 0 < rep.utterances < len(ref), (rep.utterances, [str(p) for p in rep.problems])
+    # Free space, rerun: the cache completes.
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_tmpfs)], check=True)
+    extract(_cfg(manifest, out), encoder=tiny_encoder("wav2vec2"))
+    assert_same_cache(out, ref)
+
+
+def test_full_disk_simulated(corpus: tuple[Path, CacheReader], tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that runs out of space after a byte budget: the same contract without a mount."""
+    from zarr.storage import LocalStore
+
+    manifest, ref = corpus
+    out = tmp_path / "c.zarr"
+    real_set = LocalStore.set
+    budget = {"left": 120_000}
+
+    async def full_set(self, key, value):  # noqa: ANN001, ANN202
+        budget["left"] -= len(value)
+        if budget["left"] < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", full_set)
+    enc = tiny_encoder("wav2vec2")
+    with pytest.raises(CacheWriteError) as ei:
+        extract(_cfg(manifest, out), encoder=enc)
+    assert ei.value.errno == errno.ENOSPC and "Committed parts are intact" in str(ei.value)
+    monkeypatch.setattr(LocalStore, "set", real_set)
+    rep = verify_cache(str(out))
+    assert rep.ok and 0 < rep.utterances < len(ref)
+    extract(_cfg(manifest, out), encoder=enc)  # same process: the failed writer released its lock
+    assert_same_cache(out, ref)
+
+
+# --- two extractions on one cache -------------------------------------------------------------------------
+
+_HOLDER = """
+import sys, time
+from hff_cache.cache import CacheWriter, CacheMeta, EncoderInfo
+meta = CacheMeta(encoder=EncoderInfo(name="x", hidden_size=4, num_hidden_states=1), layers=[0])
+w = CacheWriter(sys.argv[1], meta, worker=sys.argv[2])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_same_worker_is_locked_out_and_a_crash_frees_the_lock(tmp_path: Path) -> None:
+    from hff_cache.cache import CacheMeta, EncoderInfo
+
+    out = str(tmp_path / "c.zarr")
+    meta = CacheMeta(encoder=EncoderInfo(name="x", hidden_size=4, num_hidden_states=1), layers=[0])
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, out, "w000"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CacheLockedError, match=r"another process with worker label 'w000' \(pid "):
+            CacheWriter(out, meta, worker="w000")
+        CacheWriter(out, meta, worker="w001").close()  # another shard may write at the same time
+        holder.send_signal(signal.SIGKILL)  # a crash: the OS drops the lock, nothing stale is left
+        holder.wait(30)
+        w = CacheWriter(out, meta, worker="w000")
+        w.add("a", np.zeros((1, 3, 4), np.float32))
+        w.close()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(30)
+    assert CacheReader(out).ids == ["a"] and verify_cache(out).ok
+
+    # Killed during the very first write, only the root's temp file exists: the rerun still starts the cache.
+    fresh = tmp_path / "fresh.zarr"
+    fresh.mkdir()
+    (fresh / "zarr.0123456789abcdef.partial").write_bytes(b'{"zarr_for')
+    CacheWriter(str(fresh), meta).close()
+    assert len(CacheReader(str(fresh))) == 0
+
+
+def test_two_extractions_at_once(corpus: tuple[Path, CacheReader], tmp_path: Path) -> None:
+    """Same cache, same worker, started together: one is refused (or both finish); never a corrupt cache.
+    (Two shard workers at once: `benchmarks/faults.py`; the lock test above shows w001 is not blocked.)"""
+    manifest, ref = corpus
+    out = tmp_path / "same.zarr"
+    procs = [subprocess.Popen(_cmd(manifest, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    results = [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
+    codes = sorted(rc for rc, _, _ in results)
+    assert codes in ([0, 0], [0, 2]), results
+    for rc, _, err in results:
+        if rc == 2:
+            assert "being written by another process with worker label 'w000'" in err
+            assert "--shard-index" in err
+    assert verify_cache(str(out)).ok
+    extract(_cfg(manifest, out), encoder=tiny_encoder("wav2vec2"))  # a no-op when both finished
+    assert_same_cache(out, ref)
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+TEXTS = ["AB", "BA", "ABBA", "BAB", "A B", "BB A"]
+TRAIN_ARGS = ["--fusion", "weighted", "--width", "16", "--blocks", "1", "--epochs", "16", "--batch-frames", "150",
+              "--threads", "1", "--spec-time-masks", "0", "--seed", "3"]
+
+
+def _epochs_logged(run: Path) -> int:
+    try:
+        return max(0, len((run / "log.csv").read_text().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
+def test_sigkill_mid_training_then_resume(tmp_path: Path) -> None:
+    """`hff-cache train` killed at a random moment after a checkpoint, then `--resume`: the same step count,
+    weights and AdamW moments as an uninterrupted run, and every epoch logged once."""
+    import torch
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from hff_cache.cli import app
+    from hff_cache.testing import tiny_cache
+
+    cache = tiny_cache(tmp_path / "c", [1.0, 1.2, 0.8, 1.5, 1.1, 0.9], TEXTS)
+    argv = ["train", "--cache", str(cache), *TRAIN_ARGS]
+    full = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "full")])
+    assert full.exit_code == 0, full.output
+
+    run = tmp_path / "killed"
+    rng = random.Random(7)
+    after = rng.randint(2, 6)  # of 16 epochs
+    proc = subprocess.Popen([sys.executable, "-m", "hff_cache", *argv, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while _epochs_logged(run) < after and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.03))  # anywhere in the next epoch: a step, a checkpoint write
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert not (run / "metrics.json").exists()  # killed mid-run
+    resumed = CliRunner().invoke(app, [*argv, "--out", str(run), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming" in resumed.output
+
+    a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    b = json.loads((run / "metrics.json").read_text())
+    assert b["steps"] == a["steps"] and b["epochs"] == a["epochs"] == 16
+    wa, wb = (load_file(str(r / "checkpoints" / "last.safetensors")) for r in (tmp_path / "full", run))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5)
+    sa, sb = (torch.load(r / "checkpoints" / "last.state.pt", weights_only=True) for r in (tmp_path / "full", run))
+    assert sb["step"] == sa["step"]
+    for i, st in sa["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(sb["optimizer"]["state"][i][name], st[name], atol=1e-6, rtol=1e-5)
+    log = (run / "log.csv").read_text().splitlines()[1:]
+    assert [int(line.split(",")[0]) for line in log] == list(range(1, 17))

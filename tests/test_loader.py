@@ -1,0 +1,130 @@
+"""Batches from the cache: coverage, budget, bucketing, block reads, determinism, in-memory == streaming."""
+
+import numpy as np
+import pytest
+import torch
+
+from hff_cache.cache import CacheReader
+from hff_cache.loader import CacheBatches, collate_targets, plan_batches
+from hff_cache.tasks import Task
+from hff_cache.testing import tiny_cache
+
+DURATIONS = [0.5, 1.6, 0.7, 1.2, 0.9, 2.0, 0.6, 1.4, 1.0, 0.8, 1.8, 0.55]
+TEXTS = ["AB", "BA", "ABBA", "BAB", "A B", "BB A", "AAB", "B", "ABA", "BBA", "AB BA", "A"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    torch.set_num_threads(1)  # tiny ops: OpenMP threads only add contention on a shared 2-core box
+    return tiny_cache(tmp_path_factory.mktemp("loader"), DURATIONS, TEXTS)
+
+
+@pytest.fixture(scope="module")
+def setup(cache):
+    reader = CacheReader(cache)
+    task = Task.from_labels("asr", reader)
+    return reader, task, task.prepare(reader)
+
+
+def source(setup, **kw):
+    reader, _, data = setup
+    kw.setdefault("in_memory", False)
+    return CacheBatches(reader, data, ctc=True, **kw)
+
+
+def test_plan_batches_budget_and_sorting():
+    lengths = np.array([10, 50, 20, 40, 30, 200])
+    batches = plan_batches(range(6), lengths, batch_frames=90, max_utts=3)
+    assert sorted(p for b in batches for p in b) == list(range(6))
+    for b in batches:
+        lens = [lengths[p] for p in b]
+        assert lens == sorted(lens)
+        assert len(b) <= 3
+        assert max(lens) * len(b) <= 90 or len(b) == 1  # an over-long utterance rides alone
+    assert [5] in batches
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_epoch_covers_every_utterance_once(setup, in_memory):
+    reader, _, data = setup
+    src = source(setup, batch_frames=200, shuffle_frames=150, block_frames=100, in_memory=in_memory)
+    seen = []
+    for batch in src.epoch(0):
+        b, t, L, d = batch.feats.shape
+        assert (L, d) == (4, 32)
+        assert t == int(batch.lengths.max())
+        assert t * b <= 200 or b == 1
+        assert batch.targets.shape[0] == b and batch.target_lengths.tolist() == [
+            len(data.targets[data.ids.index(u)]) for u in batch.ids]
+        for i, uid in enumerate(batch.ids):
+            n = int(batch.lengths[i])
+            assert n == reader.lengths[reader.index_of(uid)]
+            assert torch.all(batch.feats[i, n:] == 0)
+        seen += batch.ids
+    assert sorted(seen) == sorted(data.ids)
+    assert len(src) == len(list(src.epoch(0)))
+
+
+def test_features_match_reader_and_memory_equals_streaming(setup):
+    reader = setup[0]
+    feats = {}
+    for in_memory in (False, True):
+        src = source(setup, batch_frames=300, in_memory=in_memory)
+        for batch in src.epoch(3):
+            for i, uid in enumerate(batch.ids):
+                n = int(batch.lengths[i])
+                feats.setdefault(uid, []).append(batch.feats[i, :n].float().numpy())
+    for uid, (streamed, memory) in feats.items():
+        ref = reader.read(uid)
+        np.testing.assert_array_equal(streamed, ref)  # fp16 codec: float16 in RAM is lossless
+        np.testing.assert_array_equal(memory, ref)
+
+
+def test_shuffle_is_deterministic_per_epoch(setup):
+    a = source(setup, batch_frames=150, shuffle_frames=80, block_frames=60, seed=1)
+    b = source(setup, batch_frames=150, shuffle_frames=80, block_frames=60, seed=1)
+    e0 = [x.ids for x in a.epoch(0)]
+    assert e0 == [x.ids for x in b.epoch(0)]
+    assert e0 != [x.ids for x in a.epoch(1)]
+
+
+def test_reads_whole_blocks_not_single_utterances(setup, monkeypatch):
+    reader = setup[0]
+    calls = []
+    real = reader.read_many
+    monkeypatch.setattr(reader, "read_many", lambda idx, layers=None: calls.append(list(idx)) or real(idx, layers))
+    src = source(setup, batch_frames=10_000, block_frames=150)
+    list(src.epoch(0))
+    assert len(calls) == len(src.blocks) < len(setup[2])
+    for idx in calls:  # each call is a contiguous run of utterances
+        assert idx == list(range(idx[0], idx[0] + len(idx)))
+
+
+def test_layer_subset_reads_only_those_layers(setup):
+    reader = setup[0]
+    src = source(setup, layers=[2], batch_frames=10_000)
+    batch = next(iter(src.epoch(0)))
+    assert batch.feats.shape[2] == 1
+    uid = batch.ids[0]
+    np.testing.assert_array_equal(batch.feats[0, : int(batch.lengths[0])].numpy(), reader.read(uid, [2]))
+
+
+def test_early_stop_releases_the_producer(setup):
+    src = source(setup, batch_frames=60, prefetch=1)
+    it = src.epoch(0)
+    next(it)
+    it.close()  # must not hang on the bounded queue
+
+
+def test_producer_errors_reach_the_consumer(setup, monkeypatch):
+    reader = setup[0]
+    monkeypatch.setattr(reader, "read_many", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError, match="disk gone"):
+        list(source(setup).epoch(0))
+
+
+def test_collate_targets():
+    t, tl = collate_targets([[1, 2, 3], [4]], ctc=True)
+    assert t.tolist() == [[1, 2, 3], [4, 0, 0]] and tl.tolist() == [3, 1]
+    t, tl = collate_targets([2, 0], ctc=False)
+    assert t.tolist() == [2, 0] and tl is None

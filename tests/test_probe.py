@@ -1,0 +1,44 @@
+"""Layer probe: one run per stored hidden state, each reading only its layer; csv + png."""
+
+import csv
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from hff_cache.cache import CacheReader
+from hff_cache.cli import app
+from hff_cache.config import TrainConfig
+from hff_cache.fusion import FusionConfig
+from hff_cache.probe import probe
+from hff_cache.testing import tiny_cache
+
+
+def test_probe_one_row_per_layer_reading_one_layer(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    cache = tiny_cache(tmp_path, [0.8, 1.0, 0.6, 1.2], ["AB", "BA", "ABBA", "B A"])
+    asked = set()
+    real = CacheReader.read_many
+
+    def spy(self, indices, layers=None):
+        asked.add(None if layers is None else tuple(layers))
+        return real(self, indices, layers)
+
+    monkeypatch.setattr(CacheReader, "read_many", spy)
+    base = TrainConfig(cache=str(cache), valid_cache=str(cache), fusion=FusionConfig(width=16, blocks=1),
+                       epochs=1, batch_frames=300, threads=1, num_workers=1)
+    rows = probe(base, tmp_path / "probe", log=lambda s: None)
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3]
+    assert asked == {(0,), (1,), (2,), (3,)}  # never the full stack
+    with (tmp_path / "probe/probe.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["layer"]) for r in table] == [0, 1, 2, 3]
+    assert {"wer", "cer"} <= set(table[0])
+    assert (tmp_path / "probe/probe.png").stat().st_size > 1000
+    doc = json.loads((tmp_path / "probe/layer_02/config.json").read_text())
+    assert doc["model"]["layers"] == [2] and doc["model"]["num_layers"] == 1
+    # the CLI reuses finished layers instead of retraining them
+    result = CliRunner().invoke(app, ["probe", "--cache", str(cache), "--valid-cache", str(cache), "--out",
+                                      str(tmp_path / "probe"), "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.strip().splitlines()) == 5  # header + one line per layer
