@@ -24,7 +24,10 @@ def _storage_options(values: list[str]) -> dict:
     opts: dict = {}
     for kv in values:
         key, _, value = kv.partition("=")
-        opts[key] = json.loads(value) if value[:1] in "{[0123456789tfn" and value not in ("",) else value
+        try:  # JSON values (numbers, true/false, objects); anything else is a string (key=testing)
+            opts[key] = json.loads(value) if value[:1] in '{["-0123456789tfn' else value
+        except ValueError:
+            opts[key] = value
     return opts
 
 
@@ -210,6 +213,8 @@ def train(
     batch_seconds: float = typer.Option(_T.batch_seconds, help="Online: padded audio seconds per batch"),
     max_train_utts: int | None = typer.Option(None, help="Online: train on N evenly spaced utterances"),
     max_valid_utts: int | None = typer.Option(None, help="Online: validate on N evenly spaced utterances"),
+    storage_option: list[str] = typer.Option([], "--storage-option", help="fsspec option key=value for "
+                                             "s3://... caches (repeatable), e.g. endpoint_url=http://..."),
 ) -> None:
     """Train layer fusion + a task head on cached features (or, with --online, on audio with the encoder
     in the loop); writes a run directory."""
@@ -238,6 +243,7 @@ def train(
             online=online, model=model, data=data, valid_data=valid_data, method=method, bottleneck=bottleneck,
             encoder_lr=encoder_lr, grad_checkpointing=grad_checkpointing, batch_seconds=batch_seconds,
             max_train_utts=max_train_utts, max_valid_utts=max_valid_utts,
+            storage_options=_storage_options(storage_option),
         )
         metrics = train_online(cfg) if online else run_train(cfg)
     except _train_errors() as exc:

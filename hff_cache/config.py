@@ -144,10 +144,13 @@ class TrainConfig:
     batch_seconds: float = 60.0  # padded audio seconds per online batch (plays batch_frames' role)
     max_train_utts: int | None = None  # evenly spaced subset (in id order) of the training data
     max_valid_utts: int | None = None
+    # fsspec options for s3://... caches (endpoint, credentials); run control, secrets redacted in config.json
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     # Fields that may differ between the run on disk and a --resume of it.
     RUNTIME_FIELDS = ("out", "epochs", "in_memory", "num_workers", "prefetch", "device", "threads",
-                      "eval_every", "resume", "force", "cache", "valid_cache", "grad_checkpointing")
+                      "eval_every", "resume", "force", "cache", "valid_cache", "grad_checkpointing",
+                      "storage_options")
 
     def __post_init__(self) -> None:
         if isinstance(self.fusion, dict):

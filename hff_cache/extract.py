@@ -20,7 +20,15 @@ import numpy as np
 import torch
 
 from hff_cache.audio import AudioError, load_audio
-from hff_cache.cache import CacheMeta, CacheReader, CacheWriter, CodecSpec, get_codec
+from hff_cache.cache import (
+    CacheMeta,
+    CacheReader,
+    CacheWriter,
+    CodecSpec,
+    clear_shard_record,
+    get_codec,
+    record_shard_complete,
+)
 from hff_cache.config import ExtractConfig
 from hff_cache.data import Utterance, intake_fingerprint, load_intake
 from hff_cache.encoders import SpeechEncoder, load_encoder
@@ -43,7 +51,11 @@ class ExtractReport:
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # Under torchrun every rank of a node would otherwise pile onto cuda:0: one GPU per local rank.
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local % torch.cuda.device_count())
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but no CUDA device is visible (use --device cpu)")
     return torch.device(device)
@@ -134,11 +146,16 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
     """Extract `cfg.data` into the cache at `cfg.out`; resumable and idempotent."""
     start = time.perf_counter()
     intake_errors: list[dict[str, str]] | None = [] if cfg.on_error == "skip" else None
-    utts = shard_utterances(load_intake(cfg.data, errors=intake_errors), cfg.num_shards, cfg.shard_index)
+    everything = load_intake(cfg.data, errors=intake_errors)
+    utts = shard_utterances(everything, cfg.num_shards, cfg.shard_index)
+    # Every shard hashes the whole intake: shards of one extraction agree on it (docs/cache_format.md).
+    dataset_fp = intake_fingerprint(everything)
     # Bad manifest lines and duplicated ids belong to no shard: shard 0 records them, once.
     bad_lines = (intake_errors or []) if cfg.shard_index == 0 else []
     if encoder is None and _already_complete(cfg, utts, [e["id"] for e in bad_lines]):
-        # The immediate no-op: a finished cache answers without loading the model.
+        # The immediate no-op: a finished cache answers without loading the model. The record is
+        # (re)written in case a kill came between the shard's last commit and its record.
+        _record_shard(cfg, utts, dataset_fp)
         return ExtractReport(cfg.out, total=len(utts), already_done=len(utts),
                              wall_seconds=time.perf_counter() - start)
     device = resolve_device(cfg.device)
@@ -153,17 +170,20 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
         batching={"policy": "length-sorted, masked: batched output equals single-utterance output",
                   "batch_seconds": cfg.batch_seconds, "precision": cfg.precision, "device": device.type},
     )
-    writer = CacheWriter(cfg.out, meta, worker=f"w{cfg.shard_index:03d}", part_frames=cfg.part_frames,
+    writer = CacheWriter(cfg.out, meta, worker=shard_worker(cfg.shard_index), part_frames=cfg.part_frames,
                          intake_fingerprint=intake_fingerprint(utts), storage_options=cfg.storage_options)
     done = writer.done_ids()
     todo = [u for u in utts if u.id not in done]
     report = ExtractReport(cfg.out, total=len(utts), already_done=len(utts) - len(todo))
+    if todo:  # work to do: the cache is not complete until this shard finishes again
+        clear_shard_record(cfg.out, writer.worker, storage_options=cfg.storage_options)
     for item in bad_lines:
         if item["id"] not in done:
             writer.skip(item["id"], item["audio"], item["reason"])
             report.skipped.append(dict(item))
     if not todo:
         writer.close()
+        _record_shard(cfg, utts, dataset_fp)
         report.wall_seconds = time.perf_counter() - start
         return report
     batches = make_batches(todo, cfg.batch_seconds)
@@ -200,8 +220,21 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
         writer.close()
         if bar is not None:
             bar.close()
+    _record_shard(cfg, utts, dataset_fp)  # only reached when every utterance was committed or skipped
     report.wall_seconds = time.perf_counter() - start
     return report
+
+
+def shard_worker(shard_index: int) -> str:
+    """The worker label (part-id prefix and completion-record name) of a shard."""
+    return f"w{shard_index:03d}"
+
+
+def _record_shard(cfg: ExtractConfig, utts: Sequence[Utterance], dataset_fp: str) -> None:
+    record_shard_complete(cfg.out, shard_worker(cfg.shard_index), num_shards=cfg.num_shards,
+                          shard_index=cfg.shard_index, utterances=len(utts),
+                          intake_fingerprint=intake_fingerprint(utts), dataset_fingerprint=dataset_fp,
+                          storage_options=cfg.storage_options)
 
 
 def _already_complete(cfg: ExtractConfig, utts: Sequence[Utterance], extra_ids: Sequence[str] = ()) -> bool:

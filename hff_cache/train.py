@@ -155,8 +155,9 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = _log) -> Setup:
 
     if not cfg.cache:
         raise RunError("no training cache given (--cache)")
-    reader = CacheReader(cfg.cache)
-    valid_reader = CacheReader(cfg.valid_cache) if cfg.valid_cache else None
+    reader = CacheReader(cfg.cache, storage_options=storage_options_for(cfg.cache, cfg))
+    valid_reader = (CacheReader(cfg.valid_cache, storage_options=storage_options_for(cfg.valid_cache, cfg))
+                    if cfg.valid_cache else None)
     if valid_reader is not None:
         check_cache(valid_reader, cache_doc(reader, len(reader)), what=f"validation cache {cfg.valid_cache}")
     labels = load_labels(cfg.labels) if cfg.labels else None
@@ -195,12 +196,28 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = _log) -> Setup:
     caches = {"train": cache_doc(reader, len(train_data))}
     if valid_reader is not None:
         caches["valid"] = cache_doc(valid_reader, valid_n)
-    doc = {"mode": "cached", "config": to_dict(cfg), "model": spec.to_dict(),
+    doc = {"mode": "cached", "config": _redacted(to_dict(cfg)), "model": spec.to_dict(),
            "task": {**task.to_dict(), "fingerprint": task.tokenizer.fingerprint()}, "caches": caches,
            "environment": environment()}
     log(f"task {task.name}: {len(train_data)} train / {valid_n} valid utterances, vocabulary "
         f"{task.tokenizer.vocab_size}; {len(train_src)} batches/epoch; in_memory={train_src.in_memory}")
     return Setup(model, task, train_src, valid_src, valid_refs, doc)
+
+
+def storage_options_for(url: str, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The run's fsspec options for a URL cache; none for local paths (the reader refuses them there)."""
+    return dict(cfg.storage_options) if "://" in str(url) and cfg.storage_options else None
+
+
+_SECRET_WORDS = ("secret", "key", "token", "password", "credential")
+
+
+def _redacted(config: dict[str, Any]) -> dict[str, Any]:
+    # config.json is shared with results; credentials must not land in it (endpoints and flags may).
+    opts = config.get("storage_options") or {}
+    config["storage_options"] = {k: ("<redacted>" if any(w in k.lower() for w in _SECRET_WORDS) else v)
+                                 for k, v in opts.items()}
+    return config
 
 
 def _model_layers(cfg: TrainConfig, layers: list[int]) -> tuple[list[int], dict[str, Any]]:
@@ -289,7 +306,8 @@ def _open_run(run: Path, cfg: TrainConfig, doc: dict[str, Any], log: Callable[[s
         if now is not None and now["cache_id"] != expected["cache_id"]:
             from hff_cache.cache import CacheReader
 
-            check_cache(CacheReader(now["url"]), expected, what=f"{split} cache {now['url']}")
+            reader = CacheReader(now["url"], storage_options=storage_options_for(now["url"], cfg))
+            check_cache(reader, expected, what=f"{split} cache {now['url']}")
     old_fp, new_fp = old["task"]["fingerprint"], doc["task"]["fingerprint"]
     if old_fp != new_fp:
         raise RunError(f"cannot --resume {run}: its tokenizer ({old_fp}) differs from the one these labels "

@@ -18,7 +18,7 @@ from .format import (
 )
 from .reader import CacheReader, PartInfo
 from .verify import Problem, VerifyReport, verify_cache
-from .writer import CacheWriter
+from .writer import CacheWriter, clear_shard_record, record_shard_complete
 
 __all__ = [
     "CODECS",
@@ -41,7 +41,9 @@ __all__ = [
     "VerifyReport",
     "cache_id",
     "check_compatible",
+    "clear_shard_record",
     "get_codec",
+    "record_shard_complete",
     "register_codec",
     "verify_cache",
 ]

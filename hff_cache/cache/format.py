@@ -19,6 +19,7 @@ import numpy as np
 FORMAT_VERSION = 1
 ROOT_KEY = "hff_cache"  # the single root attribute that holds CacheMeta
 PARTS = "parts"
+SHARDS = "shards"  # shards/<worker>.json: completion records of extraction shards (plain JSON, not Zarr)
 INDEX_ARRAYS = ("ids", "offsets", "lengths", "num_samples", "text", "meta")
 STATS_ARRAYS = ("stats_sum", "stats_sumsq")
 CHECKSUM_ALGORITHM = "crc32"
@@ -57,6 +58,10 @@ def side_name(suffix: str, k: int) -> str:
 
 def part_id(worker: str, seq: int) -> str:
     return f"{worker}-{seq:06d}"
+
+
+def shard_record_key(worker: str) -> str:
+    return f"{SHARDS}/{worker}.json"
 
 
 def parse_part_id(pid: str) -> tuple[str, int] | None:

@@ -25,6 +25,7 @@ from .format import (
     INDEX_ARRAYS,
     PARTS,
     ROOT_KEY,
+    SHARDS,
     STATS_ARRAYS,
     CacheFormatError,
     CacheMeta,
@@ -327,6 +328,39 @@ class CacheReader:
         return [dict(rec, part=pid) for pid, a in zip(self._part_ids, self._part_attrs, strict=True)
                 for rec in a.get("skipped", [])]
 
+    def shard_records(self) -> list[dict[str, Any]]:
+        """Completion records ``shards/<worker>.json`` of extraction shards (read fresh on every call)."""
+        fs = getattr(self.store, "fs", None)
+        if fs is not None and hasattr(fs, "invalidate_cache"):
+            fs.invalidate_cache()  # records appear while other shards finish
+
+        async def _ls() -> list[str]:
+            return [n async for n in self.store.list_dir(SHARDS)]
+
+        try:
+            names = sorted(n for n in sync(_ls()) if n.endswith(".json"))
+        except (FileNotFoundError, OSError):
+            return []
+        docs = [read_json(self.store, f"{SHARDS}/{n}") for n in names]
+        return [d for d in docs if isinstance(d, dict) and isinstance(d.get("num_shards"), int)]
+
+    def completion(self) -> dict[str, Any]:
+        """``complete``: every shard of one extraction (same shard count and intake) recorded completion.
+
+        Records are grouped by (num_shards, dataset fingerprint); the group with most shards done is
+        reported. A cache with no records (written before records existed, or still running) is not complete.
+        """
+        groups: dict[tuple[int, str], set[int]] = {}
+        for r in self.shard_records():
+            groups.setdefault((r["num_shards"], str(r.get("dataset_fingerprint"))), set()).add(
+                int(r["shard_index"]))
+        if not groups:
+            return {"complete": False, "num_shards": None, "shards_done": 0, "shards_missing": None}
+        (n, _), done = max(groups.items(), key=lambda kv: (len(kv[1]) / kv[0][0], len(kv[1])))
+        missing = sorted(set(range(n)) - done)
+        return {"complete": not missing, "num_shards": n, "shards_done": len(done & set(range(n))),
+                "shards_missing": missing}
+
     def info(self) -> dict[str, Any]:
         e = self.meta.encoder
         frames = int(self.lengths.sum())
@@ -353,6 +387,7 @@ class CacheReader:
             "tool_version": self.meta.tool_version,
             "batching": self.meta.batching,
             "intake_fingerprints": list(self.meta.intake_fingerprints),
+            **self.completion(),
         }
 
     def verify(self) -> list[str]:

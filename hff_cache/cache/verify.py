@@ -25,6 +25,7 @@ from .format import (
     CHECKSUM_ALGORITHM,
     INDEX_ARRAYS,
     PARTS,
+    SHARDS,
     STATS_ARRAYS,
     CacheFormatError,
     CacheMeta,
@@ -180,7 +181,7 @@ def _stray_names(store: Any, rep: VerifyReport) -> None:
         parts = sync(_ls(PARTS))
     except Exception:  # noqa: BLE001 - listing is best effort (some object stores refuse it)
         return
-    stray = [n for n in root if n.rstrip("/") not in ("zarr.json", PARTS, _LOCKS)]
+    stray = [n for n in root if n.rstrip("/") not in ("zarr.json", PARTS, _LOCKS, SHARDS)]
     stray += [f"{PARTS}/{n}" for n in parts if n.rstrip("/") != "zarr.json" and parse_part_id(n.rstrip("/")) is None]
     if stray:
         rep.warnings.append(f"ignored names that are not part of the format (e.g. temp files of a killed "

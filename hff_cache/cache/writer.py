@@ -42,6 +42,7 @@ from .format import (
     now_iso,
     parse_part_id,
     part_id,
+    shard_record_key,
     side_name,
 )
 from .reader import list_part_ids, open_array, open_store, quiet_numcodecs, read_json, read_part_attrs
@@ -406,6 +407,28 @@ class CacheWriter:
             "created": now_iso(),
         })
         _upload(stage, self.store, [f"{path}/zarr.json"])  # the commit marker, last
+
+
+def record_shard_complete(url: str, worker: str, *, num_shards: int, shard_index: int, utterances: int,
+                          intake_fingerprint: str, dataset_fingerprint: str,
+                          storage_options: dict | None = None) -> dict[str, Any]:
+    """Write ``shards/<worker>.json``: this shard has committed every one of its utterances.
+
+    Call it only after the shard's last part is committed (the record is the shard's own commit marker).
+    One PUT / one atomic local write, so a reader sees the whole record or none."""
+    record = {"worker": worker, "shard_index": int(shard_index), "num_shards": int(num_shards),
+              "utterances": int(utterances), "intake_fingerprint": intake_fingerprint,
+              "dataset_fingerprint": dataset_fingerprint, "tool_version": __version__, "completed": now_iso()}
+    store = open_store(url, storage_options, read_only=False)
+    buf = default_buffer_prototype().buffer.from_bytes(json.dumps(record, indent=1).encode())
+    sync(store.set(shard_record_key(worker), buf))
+    return record
+
+
+def clear_shard_record(url: str, worker: str, storage_options: dict | None = None) -> None:
+    """Remove a worker's completion record before it writes again, so the cache reads incomplete meanwhile."""
+    store = open_store(url, storage_options, read_only=False)
+    sync(store.delete(shard_record_key(worker)))  # deleting a missing key is a no-op in zarr stores
 
 
 def _list_prefix(store: Store, prefix: str) -> list[str]:
