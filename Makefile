@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install system-deps lint
+.PHONY: demo test install system-deps lint docs
 
 system-deps:  ## espeak-ng + flite synthesise the demo's corpus and the test speech
 	@command -v espeak-ng >/dev/null 2>&1 && command -v flite >/dev/null 2>&1 || \
@@ -27,3 +27,7 @@ test: install  ## the test suite (what .ci/run runs)
 
 lint:
 	$(BIN)/ruff check hff_cache tests benchmarks pipelines
+
+docs:  ## regenerate the CLI reference from the code
+	$(BIN)/typer hff_cache.cli utils docs --name hff-cache --title "hff-cache command reference (generated)" \
+	  --output docs/cli_reference.md
