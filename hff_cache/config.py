@@ -105,11 +105,11 @@ class TrainConfig:
     layers: list[int] | None = None  # stored hidden states the model reads; None = all stored
     fusion: FusionConfig = field(default_factory=_fusion_default)
     pooling: str = "mean"  # classifier pooling: mean | attention
-    normalize: str = "none"  # none | stats (standardise each layer with the cache's mean/std)
+    normalize: str = "none"  # none (fusion LayerNorm; measured better) | stats (cache mean/std per layer)
     # optimisation
     epochs: int = 20
     lr: float = 2e-3  # AdamW, every parameter except the layer-weight logits (2e-3 > 1e-3 measured)
-    fusion_lr: float = 1e-2  # layer-weight logits (softmax over layers): few parameters, need to move far
+    fusion_lr: float = 1e-1  # layer-weight logits (softmax over layers): few parameters that must move far
     weight_decay: float = 0.01  # matrices only; biases, norms and layer logits are not decayed
     lr_schedule: str = "cosine"  # cosine (to min_lr_ratio * lr over `epochs`) | constant
     warmup_steps: int = 20
