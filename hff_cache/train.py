@@ -91,7 +91,9 @@ def save_checkpoint(run: Path, name: str, model: HFFModel, fingerprint: str, met
     info = {"tokenizer_fingerprint": fingerprint, **{k: str(v) for k, v in meta.items()}}
     save_file(tensors, str(ckpt / f"{name}.safetensors.tmp"), metadata=info)
     if state is not None:
-        torch.save(state, ckpt / f"{name}.state.pt.tmp")
+        # The resume state carries its own copy of the weights: one file, one rename, one commit point, so
+        # a kill between the two renames can never pair one epoch's optimiser state with another's weights.
+        torch.save({**state, "model": tensors, "tokenizer_fingerprint": fingerprint}, ckpt / f"{name}.state.pt.tmp")
         os.replace(ckpt / f"{name}.state.pt.tmp", ckpt / f"{name}.state.pt")
     os.replace(ckpt / f"{name}.safetensors.tmp", ckpt / f"{name}.safetensors")
 
@@ -337,7 +339,12 @@ def fit(setup: Setup, cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None
                           "step_ms": [], "wait_ms": [], "epoch_s": []}
     if resume:
         state = torch.load(run / "checkpoints" / "last.state.pt", weights_only=True)
-        load_weights(model, run / "checkpoints" / "last.safetensors", fp)
+        if state.pop("tokenizer_fingerprint", fp) != fp:
+            raise RunError(f"cannot --resume {run}: its checkpoint was trained with another tokenizer")
+        if "model" in state:
+            model.load_checkpoint_state(state.pop("model"))
+        else:  # a checkpoint written before the state carried its weights
+            load_weights(model, run / "checkpoints" / "last.safetensors", fp)
         opt.load_state_dict(state.pop("optimizer"))
         torch.set_rng_state(state.pop("torch_rng"))
         gen.set_state(state.pop("aug_rng"))
