@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,12 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_model(model: Any, source: Any, task: Any, refs: dict[str, str],
-                   device: torch.device | str = "cpu") -> EvalResult:
-    """Loss + greedy decoding over every batch of ``source`` (epoch 0 plan, unshuffled)."""
+                   device: torch.device | str = "cpu",
+                   gather: Callable[[Any], list[Any]] | None = None) -> EvalResult:
+    """Loss + greedy decoding over every batch of ``source`` (epoch 0 plan, unshuffled).
+
+    Under torchrun each rank decodes its share and ``gather`` (``Dist.gather``) pools every rank's rows, so
+    every rank returns the metrics of the whole validation set."""
     was_training = model.training
     model.eval()
     total_loss, total_utts = 0.0, 0
@@ -70,6 +74,10 @@ def evaluate_model(model: Any, source: Any, task: Any, refs: dict[str, str],
                 rows.append({"id": uid, "ref": refs[uid], "hyp": hyp})
     finally:
         model.train(was_training)
+    if gather is not None:
+        shares = gather((rows, total_loss, total_utts))
+        rows = [r for share in shares for r in share[0]]
+        total_loss, total_utts = sum(s[1] for s in shares), sum(s[2] for s in shares)
     rows.sort(key=lambda r: r["id"])
     metrics = task_metrics(task.name, [r["ref"] for r in rows], [r["hyp"] for r in rows])
     metrics["loss"] = total_loss / max(total_utts, 1)
@@ -93,9 +101,10 @@ def evaluate_run(run: str | Path, cache: str, checkpoint: str = "best", labels: 
     checkpoint's tokenizer must be the run's (both refused otherwise).
     """
     from hff_cache.cache import CacheReader
+    from hff_cache.distributed import resolve_device
     from hff_cache.loader import CacheBatches
     from hff_cache.tasks import load_labels
-    from hff_cache.train import RunError, check_cache, load_run, resolve_device
+    from hff_cache.train import RunError, check_cache, load_run
 
     run = Path(run)
     cfg, task, model, doc = load_run(run, checkpoint)

@@ -31,6 +31,7 @@ from hff_cache.cache import (
 )
 from hff_cache.config import ExtractConfig
 from hff_cache.data import Utterance, intake_fingerprint, load_intake
+from hff_cache.distributed import balanced_assignment, resolve_device
 from hff_cache.encoders import SpeechEncoder, load_encoder
 
 
@@ -49,18 +50,6 @@ class ExtractReport:
         return self.audio_seconds / self.wall_seconds if self.wall_seconds else 0.0
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        # Under torchrun every rank of a node would otherwise pile onto cuda:0: one GPU per local rank.
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device("cuda", local % torch.cuda.device_count())
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is visible (use --device cpu)")
-    return torch.device(device)
-
-
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Half precision on GPU by default; CPU stays in float32 (CPU autocast is slower here)."""
     if precision == "auto":
@@ -75,14 +64,8 @@ def shard_utterances(utts: Sequence[Utterance], num_shards: int, shard_index: in
     """Balance shards by total duration (longest first, each to the lightest shard): deterministic."""
     if num_shards == 1:
         return list(utts)
-    loads = [0.0] * num_shards
-    mine = []
-    for u in sorted(utts, key=lambda u: (-u.duration, u.id)):
-        s = min(range(num_shards), key=lambda i: (loads[i], i))
-        loads[s] += max(u.duration, 1e-3)
-        if s == shard_index:
-            mine.append(u)
-    return mine
+    parts = balanced_assignment([u.duration for u in utts], num_shards, keys=[u.id for u in utts])
+    return [u for u, p in zip(utts, parts, strict=True) if p == shard_index]
 
 
 def make_batches(utts: Sequence[Utterance], batch_seconds: float) -> list[list[Utterance]]:

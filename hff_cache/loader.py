@@ -47,7 +47,12 @@ class Batch:
 
     @property
     def num_frames(self) -> int:
-        return int(self.lengths.sum())
+        """Frames this source delivers per epoch (under torchrun: this rank's share)."""
+        return int(sum(int(self.lengths[b].sum()) for b in self.blocks))
+
+    @property
+    def num_utterances(self) -> int:
+        return int(sum(len(b) for b in self.blocks))
 
     def to(self, device: torch.device | str) -> Batch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -115,7 +120,8 @@ class CacheBatches:
     def __init__(self, reader: Any, data: Any, *, ctc: bool, layers: Sequence[int] | None = None,
                  batch_frames: int = 20_000, max_batch_utts: int = 64, shuffle: bool = True, seed: int = 0,
                  in_memory: bool | str = "auto", shuffle_frames: int = 100_000, block_frames: int = 8192,
-                 num_workers: int = 2, prefetch: int = 4) -> None:
+                 num_workers: int = 2, prefetch: int = 4, rank: int = 0, world_size: int = 1,
+                 local_world_size: int = 1) -> None:
         self.reader = reader
         self.data = data
         self.ctc = ctc
@@ -128,11 +134,22 @@ class CacheBatches:
         self.num_workers, self.prefetch = max(1, int(num_workers)), max(1, int(prefetch))
         self.indices = np.asarray(data.indices, dtype=np.int64)
         self.lengths = np.asarray(reader.lengths, dtype=np.int64)[self.indices]
+        if world_size > 1:  # enough blocks for every rank to get a balanced share of whole blocks
+            block_frames = max(1, min(int(block_frames), int(self.lengths.sum()) // (8 * world_size)))
         self.blocks = self._make_blocks(int(block_frames))
-        self.nbytes_fp16 = int(self.lengths.sum()) * self.num_layers * self.hidden_size * 2
+        if world_size > 1:
+            # Under torchrun this rank owns a fixed, frame-balanced share of the blocks and never reads
+            # another rank's (hff_cache.distributed). Fixed, so --in-memory holds only the share.
+            from hff_cache.distributed import balanced_assignment
+
+            owner = balanced_assignment([int(self.lengths[b].sum()) for b in self.blocks], world_size)
+            self.blocks = [b for b, r in zip(self.blocks, owner, strict=True) if r == rank]
+        self.rank, self.world_size = rank, world_size
+        self.nbytes_fp16 = self.num_frames * self.num_layers * self.hidden_size * 2
         if in_memory == "auto":
-            # half of what is free leaves room for the batches, the model and a second (valid) cache
-            in_memory = self.nbytes_fp16 < 0.5 * memory_available()
+            # half of what is free leaves room for the batches, the model and a second (valid) cache;
+            # the ranks of one node share that memory
+            in_memory = self.nbytes_fp16 < 0.5 * memory_available() / max(1, local_world_size)
         self.in_memory = bool(in_memory)
         self._mem: torch.Tensor | None = None
         self._mem_offsets: np.ndarray | None = None
@@ -185,7 +202,12 @@ class CacheBatches:
 
     @property
     def num_frames(self) -> int:
-        return int(self.lengths.sum())
+        """Frames this source delivers per epoch (under torchrun: this rank's share)."""
+        return int(sum(int(self.lengths[b].sum()) for b in self.blocks))
+
+    @property
+    def num_utterances(self) -> int:
+        return int(sum(len(b) for b in self.blocks))
 
     # -- reading --
 
@@ -196,8 +218,12 @@ class CacheBatches:
         """Decode every labelled frame once into a float16 tensor (``in_memory``)."""
         if self._mem is not None:
             return
+        # positions outside this source's blocks (another rank's share) get empty ranges
+        own = np.zeros(len(self.indices), dtype=bool)
+        for b in self.blocks:
+            own[b] = True
         offsets = np.zeros(len(self.indices) + 1, dtype=np.int64)
-        np.cumsum(self.lengths, out=offsets[1:])
+        np.cumsum(np.where(own, self.lengths, 0), out=offsets[1:])
         mem = torch.empty(int(offsets[-1]), self.num_layers, self.hidden_size, dtype=torch.float16)
 
         def fill(block: np.ndarray) -> None:

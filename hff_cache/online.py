@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hff_cache import distributed
 from hff_cache.audio import audio_duration, load_audio
 from hff_cache.data import Utterance, intake_fingerprint, load_intake
 from hff_cache.loader import Batch, collate_targets, plan_batches
@@ -92,7 +93,7 @@ class AudioBatches:
     def __init__(self, utts: Sequence[Utterance], encoder: Any, *, targets: Sequence[Any] | None = None,
                  ctc: bool = True, batch_seconds: float = 60.0, max_batch_utts: int = 64, shuffle: bool = False,
                  seed: int = 0, shuffle_seconds: float = 2000.0, num_workers: int = 2, prefetch: int = 2,
-                 max_seconds: float = 600.0) -> None:
+                 max_seconds: float = 600.0, rank: int = 0, world_size: int = 1) -> None:
         if targets is not None and len(targets) != len(utts):
             raise ValueError(f"{len(utts)} utterances but {len(targets)} targets")
         self.utts = list(utts)
@@ -107,20 +108,31 @@ class AudioBatches:
         self.shuffle, self.seed, self.shuffle_ms = shuffle, int(seed), 1000 * shuffle_seconds
         self.num_workers, self.prefetch = max(1, int(num_workers)), max(1, int(prefetch))
         self.max_seconds = max_seconds
+        # under torchrun: this rank's fixed, duration-balanced share (hff_cache.distributed)
+        self.positions = list(range(len(self.utts)))
+        if world_size > 1:
+            from hff_cache.distributed import balanced_assignment
+
+            owner = balanced_assignment(self.lengths.tolist(), world_size, keys=self.ids)
+            self.positions = [p for p in self.positions if owner[p] == rank]
 
     def __len__(self) -> int:
         return len(self.plan(0))
 
     @property
     def seconds(self) -> float:
-        return float(self.lengths.sum()) / 1000
+        return float(self.lengths[self.positions].sum()) / 1000
+
+    @property
+    def num_utterances(self) -> int:
+        return len(self.positions)
 
     def plan(self, epoch: int) -> list[list[int]]:
-        positions = list(range(len(self.utts)))
+        positions = self.positions
         if not self.shuffle:
             return plan_batches(positions, self.lengths, self.budget, self.max_batch_utts)
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(positions)).tolist()
+        order = [positions[i] for i in rng.permutation(len(positions))]
         batches: list[list[int]] = []
         window: list[int] = []
         total = 0
@@ -227,8 +239,9 @@ def prepare_online(cfg: Any, log: Callable[[str], None] = print) -> tuple[Any, A
     torch.manual_seed(cfg.seed)
     model = HFFModel(spec, encoder=encoder, augment=augment)
 
+    d = distributed.current()  # under torchrun each rank loads only its share of the audio
     common = dict(ctc=ctc, batch_seconds=cfg.batch_seconds, max_batch_utts=cfg.max_batch_utts,
-                  num_workers=cfg.num_workers, prefetch=cfg.prefetch)
+                  num_workers=cfg.num_workers, prefetch=cfg.prefetch, rank=d.rank, world_size=d.world_size)
     by_index = [train_utts[i] for i in train_data.indices]
     train_src = AudioBatches(by_index, encoder, targets=train_data.targets, shuffle=True, seed=cfg.seed,
                              shuffle_seconds=cfg.shuffle_frames / encoder.info.frame_rate, **common)

@@ -25,29 +25,26 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from hff_cache import distributed
 from hff_cache.config import TrainConfig, environment, to_dict
 from hff_cache.evaluate import EvalResult, evaluate_model
 from hff_cache.model import HFFModel, ModelSpec, SpecAugment
 from hff_cache.tasks import Task
 
-__all__ = ["RunError", "Setup", "check_cache", "fit", "load_run", "prepare", "resolve_device", "train"]
+__all__ = ["RunError", "Setup", "check_cache", "fit", "load_run", "prepare", "train"]
 
 CONFIG, METRICS, LOG = "config.json", "metrics.json", "log.csv"
-LOG_FIELDS = ("epoch", "step", "train_loss", "valid_loss", "wer", "cer", "per", "accuracy", "lr", "seconds")
+LOG_FIELDS = ("epoch", "step", "train_loss", "train_utterances", "valid_loss", "wer", "cer", "per", "accuracy", "lr",
+              "seconds")
 
 
 class RunError(ValueError):
     """The run directory, its checkpoint or a cache does not fit the requested run."""
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if distributed.current().is_main:  # under torchrun, one voice
+        print(msg, file=sys.stderr, flush=True)
 
 
 # --- caches and run directories --------------------------------------------------------------------------
@@ -174,8 +171,10 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = _log) -> Setup:
     task = Task.from_labels(cfg.task, reader, labels)
     train_data = task.prepare(reader, labels, "train")
     ctc = task.kind == "ctc"
+    d = distributed.current()  # under torchrun each rank reads only its share of both caches
     common = dict(ctc=ctc, layers=layers, batch_frames=cfg.batch_frames, max_batch_utts=cfg.max_batch_utts,
-                  in_memory=cfg.in_memory, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
+                  in_memory=cfg.in_memory, num_workers=cfg.num_workers, prefetch=cfg.prefetch, rank=d.rank,
+                  world_size=d.world_size, local_world_size=d.local_world_size)
     train_src = CacheBatches(reader, train_data, shuffle=True, seed=cfg.seed,
                              shuffle_frames=cfg.shuffle_frames, **common)
     valid_src, valid_refs, valid_n = None, {}, 0
@@ -319,21 +318,32 @@ def _open_run(run: Path, cfg: TrainConfig, doc: dict[str, Any], log: Callable[[s
 
 def fit(setup: Setup, cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = None,
         log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Train ``setup.model`` for ``cfg.epochs`` epochs; resumable at epoch boundaries."""
+    """Train ``setup.model`` for ``cfg.epochs`` epochs; resumable at epoch boundaries.
+
+    Under torchrun the model runs in DistributedDataParallel, each rank on its share of the data
+    (``hff_cache.distributed``); rank 0 alone writes the run directory."""
+    from torch.nn.parallel import DistributedDataParallel
+
     from hff_cache.plots import plot_curves, plot_layer_weights
 
     run = Path(cfg.out)
     model, task, fp = setup.model, setup.task, setup.task.tokenizer.fingerprint()
-    resume = _open_run(run, cfg, setup.doc, log)
-    run.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = distributed.resolve_device(cfg.device)
+    d = distributed.init(device)
+    # rank 0 checks (and with --force clears) the run directory; every rank gets its verdict
+    verdict = _main_only(d, lambda: _open_run(run, cfg, setup.doc, log))
+    resume = bool(verdict)
+    if d.is_main:
+        run.mkdir(parents=True, exist_ok=True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)  # SpecAugment masks
+    gen = torch.Generator().manual_seed(cfg.seed + d.rank)  # SpecAugment masks (their own per rank)
+    if d.enabled:
+        torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout: other masks on each rank (weights are set)
     lower_better = task.metric != "accuracy"
     st: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "history": [],
                           "step_ms": [], "wait_ms": [], "epoch_s": []}
@@ -346,20 +356,36 @@ def fit(setup: Setup, cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None
         else:  # a checkpoint written before the state carried its weights
             load_weights(model, run / "checkpoints" / "last.safetensors", fp)
         opt.load_state_dict(state.pop("optimizer"))
-        torch.set_rng_state(state.pop("torch_rng"))
-        gen.set_state(state.pop("aug_rng"))
+        torch_rng, aug_rng = state.pop("torch_rng"), state.pop("aug_rng")
+        rank_rng = state.pop("rank_rng", None)
+        if rank_rng is not None and len(rank_rng) == d.world_size:
+            torch_rng, aug_rng = rank_rng[d.rank]
+        if not d.enabled or rank_rng is not None:  # RNG of another world size: keep the fresh per-rank seeds
+            torch.set_rng_state(torch_rng)
+            gen.set_state(aug_rng)
         st.update(state)
         log(f"resuming {run} after epoch {st['epoch']} (step {st['step']})")
-    _atomic_json(run / CONFIG, setup.doc)
+    if d.is_main:
+        _atomic_json(run / CONFIG, setup.doc)
     params = model.trainable_parameters()
+    net = model
+    if d.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        counts = d.gather((len(setup.train), getattr(setup.train, "num_utterances", None)))
+        log(f"torchrun: {d.world_size} ranks ({'nccl' if device.type == 'cuda' else 'gloo'}); batches per rank "
+            f"{[c[0] for c in counts]}, utterances per rank {[c[1] for c in counts]}")
+        if min(c[0] for c in counts) == 0:
+            raise RunError(f"a rank has no training batch ({[c[0] for c in counts]} per rank): fewer utterances "
+                           "than processes; use fewer processes")
+    # steps per epoch = the longest rank's batches (the others repeat a weight-0 batch; see lockstep)
+    nb = max(int(d.all_reduce([len(setup.train)], "max")[0]), 1)
     while st["epoch"] < cfg.epochs:
         epoch = st["epoch"]
-        model.train()
+        net.train()
         t0 = time.perf_counter()
-        nb = max(len(setup.train), 1)
-        losses, lr = [], cfg.lr
+        loss_sum, utts, lr = 0.0, 0, cfg.lr
         t_wait = time.perf_counter()
-        for i, batch in enumerate(setup.train.epoch(epoch)):
+        for i, (batch, weight) in enumerate(distributed.lockstep(setup.train.epoch(epoch), d)):
             t_step = time.perf_counter()
             st["wait_ms"].append(1000 * (t_step - t_wait))
             factor = lr_factor(cfg, st["step"], (epoch + i / nb) / cfg.epochs)
@@ -367,24 +393,27 @@ def fit(setup: Setup, cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None
                 g["lr"] = g["base_lr"] * factor
             lr = cfg.lr * factor
             batch = batch.to(device)
-            loss = model.loss(model(batch, generator=gen), batch)
+            loss = model.loss(net(batch, generator=gen), batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             st["step"] += 1
-            losses.append(float(loss.detach()))
+            if weight > 0:
+                loss_sum += float(loss.detach()) * len(batch)
+                utts += len(batch)
             t_wait = time.perf_counter()
             st["step_ms"].append(1000 * (t_wait - t_step))
         train_seconds = time.perf_counter() - t0
         st["epoch_s"].append(train_seconds)
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": st["step"],
-                               "train_loss": sum(losses) / max(len(losses), 1), "lr": lr}
+        loss_sum, utts = d.all_reduce([loss_sum, utts])
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": st["step"], "train_loss": loss_sum / max(utts, 1),
+                               "train_utterances": int(utts), "lr": lr}
         last_epoch = epoch + 1 == cfg.epochs
         result: EvalResult | None = None
         if setup.valid is not None and ((epoch + 1) % max(cfg.eval_every, 1) == 0 or last_epoch):
-            result = evaluate_model(model, setup.valid, task, setup.valid_refs, device)
+            result = evaluate_model(model, setup.valid, task, setup.valid_refs, device, gather=d.gather)
             row["valid_loss"] = result.metrics["loss"]
             row.update({k: result.metrics[k] for k in ("wer", "cer", "per", "accuracy") if k in result.metrics})
         row["seconds"] = time.perf_counter() - t0
@@ -395,24 +424,51 @@ def fit(setup: Setup, cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None
                                                                   else score > st["best"]))
         if improved or (setup.valid is None):
             st["best"], st["best_epoch"] = score, epoch + 1
-            save_checkpoint(run, "best", model, fp, {"epoch": epoch + 1, "step": st["step"]})
-        state = {k: v for k, v in st.items()}
-        state.update(optimizer=opt.state_dict(), torch_rng=torch.get_rng_state(), aug_rng=gen.get_state())
-        save_checkpoint(run, "last", model, fp, {"epoch": epoch + 1, "step": st["step"]}, state)
-        _write_log(run, st["history"])
+            if d.is_main:
+                save_checkpoint(run, "best", model, fp, {"epoch": epoch + 1, "step": st["step"]})
+        rank_rng = d.gather((torch.get_rng_state(), gen.get_state()))
+        if d.is_main:
+            state = {k: v for k, v in st.items()}
+            state.update(optimizer=opt.state_dict(), torch_rng=torch.get_rng_state(), aug_rng=gen.get_state(),
+                         rank_rng=rank_rng if d.enabled else None)
+            save_checkpoint(run, "last", model, fp, {"epoch": epoch + 1, "step": st["step"]}, state)
+            _write_log(run, st["history"])
+        d.barrier()  # no rank runs ahead of a checkpoint it could be asked to resume from
         log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        if on_epoch_end is not None:
+        if on_epoch_end is not None and d.is_main:
             on_epoch_end(epoch + 1, row)
     metrics = _final_metrics(st, task, params, setup.doc)
     metrics.update(model.parameter_counts())  # trainable encoder (adapters included) vs fusion + head
+    metrics["world_size"] = d.world_size
+    if d.enabled:  # the job's peak is the largest rank's
+        metrics["peak_rss_mb"] = d.all_reduce([metrics["peak_rss_mb"]], "max")[0]
     if device.type == "cuda":
-        metrics["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        metrics["peak_cuda_mb"] = d.all_reduce([torch.cuda.max_memory_allocated(device) / 2**20], "max")[0]
     metrics["layer_weights"] = model.layer_weights()
-    _atomic_json(run / METRICS, metrics)
-    _write_log(run, st["history"])
-    plot_curves(st["history"], run / "curves.png", task.metric)
-    plot_layer_weights(metrics["layer_weights"], run / "layer_weights.png")
+    if d.is_main:
+        _atomic_json(run / METRICS, metrics)
+        _write_log(run, st["history"])
+        plot_curves(st["history"], run / "curves.png", task.metric)
+        plot_layer_weights(metrics["layer_weights"], run / "layer_weights.png")
+    d.barrier()
     return metrics
+
+
+def _main_only(d: distributed.Dist, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0; every rank returns its result or raises its ``RunError``."""
+    result: Any = None
+    error: str | None = None
+    if d.is_main:
+        try:
+            result = fn()
+        except RunError as exc:
+            if not d.enabled:
+                raise
+            error = str(exc)
+    result, error = d.broadcast((result, error))
+    if error is not None:
+        raise RunError(error)
+    return result
 
 
 def _write_log(run: Path, history: list[dict[str, Any]]) -> None:

@@ -101,8 +101,8 @@ def transcribe(run: str | Path, audio: Sequence[str | Path] = (), data: str | No
 
     For a classification run the "text" is the predicted class label.
     """
+    from hff_cache.distributed import resolve_device
     from hff_cache.online import AudioBatches
-    from hff_cache.train import resolve_device
 
     utts = audio_utterances(list(audio)) + (load_intake(data) if data else [])
     if not utts:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hff_cache.cache import CacheReader
 from hff_cache.config import TrainConfig
 from hff_cache.fusion import FusionConfig
 from hff_cache.loader import Batch
@@ -109,7 +110,9 @@ def test_overfits_tiny_cache_without_instantiating_an_encoder(cache, tmp_path, m
     assert {"config", "environment", "caches", "task", "model"} <= set(doc)
     assert doc["task"]["tokenizer"]["type"] == "char"
     log = (run / "log.csv").read_text().splitlines()
-    assert log[0].startswith("epoch,step,train_loss,valid_loss,wer,cer") and len(log) == 41
+    assert log[0].startswith("epoch,step,train_loss,train_utterances,valid_loss,wer,cer") and len(log) == 41
+    # every labelled utterance once per epoch
+    assert {row.split(",")[3] for row in log[1:]} == {str(len(CacheReader(str(cache))))}
 
 
 class Kill(Exception):
