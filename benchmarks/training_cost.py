@@ -75,7 +75,8 @@ class PeakRSS:
         self._t.join()
 
 
-def child(encoder_name: str, method: str, data: str, steps: int, batch_seconds: float, utts: int) -> dict:
+def child(encoder_name: str, method: str, data: str, steps: int, batch_seconds: float, utts: int,
+          work: str) -> dict:
     import torch
 
     import hff_cache.encoders as encoders
@@ -83,14 +84,17 @@ def child(encoder_name: str, method: str, data: str, steps: int, batch_seconds: 
     from hff_cache.online import prepare_online
 
     torch.manual_seed(0)
+    cache = Path(work) / encoder_name.replace(":", "_") / "cache.zarr"
+    if method == "cached-hierarchical":  # a process without the encoder, as a user's training run
+        return cached_child(encoder_name, cache, batch_seconds)
     if encoder_name == "random:wav2vec2-large":
         encoders.load_encoder = lambda name, device="cpu": wav2vec2_large_random()  # prepare_online looks it up
-    cached = method.startswith("cached")
-    cfg = TrainConfig(online=True, model=encoder_name, data=data, method="hff-frozen" if cached else method,
+    extracting = method == "cached-extract"
+    cfg = TrainConfig(online=True, model=encoder_name, data=data, method="hff-frozen" if extracting else method,
                       batch_seconds=batch_seconds, max_train_utts=utts, num_workers=1, prefetch=1)
     setup, _ = prepare_online(cfg, log=lambda m: print(m, file=sys.stderr))
-    if cached:
-        return cached_child(encoder_name, setup, batch_seconds)
+    if extracting:
+        return extract_subset(encoder_name, setup, cache, batch_seconds)
     per_epoch = len(setup.train)
     batches = list(itertools.islice(setup.train.epoch(0), steps + 1))
     model = setup.model
@@ -121,55 +125,58 @@ def _stepper(model: Any, opt: Any) -> Any:
     return step
 
 
-def cached_child(encoder_name: str, online_setup: Any, batch_seconds: float) -> dict:
-    """The real cached path on the same utterances: extract them once (timed: what the encoder costs per
-    epoch online), then train ``hierarchical`` from the cache streamed through the loader (not in RAM).
-    Measured: one epoch of the fusion and head alone (batches already in memory) and one epoch with the
-    reads (the loader's decode threads running beside the steps)."""
-    import tempfile
+def extract_subset(encoder_name: str, online_setup: Any, cache: Path, batch_seconds: float) -> dict:
+    """Extract the subset once with the same encoder: what one encoder pass over an epoch costs."""
+    import shutil
 
+    from hff_cache.config import ExtractConfig
+    from hff_cache.extract import extract
+
+    shutil.rmtree(cache.parent, ignore_errors=True)
+    cache.parent.mkdir(parents=True)
+    manifest = cache.parent / "subset.jsonl"
+    with manifest.open("w") as f:
+        for u in online_setup.train.utts:
+            f.write(json.dumps({"id": u.id, "audio": str(u.audio), "text": u.text}) + "\n")
+    t0 = time.perf_counter()
+    extract(ExtractConfig(model=encoder_name, data=str(manifest), out=str(cache), progress=False,
+                          batch_seconds=batch_seconds), encoder=online_setup.model.encoder)
+    return {"encoder": encoder_name, "method": "cached-extract", "extract_s": time.perf_counter() - t0}
+
+
+def cached_child(encoder_name: str, cache: Path, batch_seconds: float) -> dict:
+    """``hierarchical`` from the cache streamed through the loader (not in RAM), no encoder in the process:
+    one epoch of the fusion and head alone (batches already in memory) and one real epoch with the reads
+    (the loader's decode threads running beside the steps)."""
     import torch
 
-    from hff_cache.config import ExtractConfig, TrainConfig
-    from hff_cache.extract import extract
+    from hff_cache.config import TrainConfig
     from hff_cache.fusion import FusionConfig
     from hff_cache.train import prepare
 
-    encoder = online_setup.model.encoder
-    with tempfile.TemporaryDirectory() as tmp:
-        manifest = Path(tmp) / "subset.jsonl"
-        with manifest.open("w") as f:
-            for u in online_setup.train.utts:
-                f.write(json.dumps({"id": u.id, "audio": str(u.audio), "text": u.text}) + "\n")
+    frames = int(batch_seconds * 50)  # both encoders give 50 frames per second
+    cfg = TrainConfig(cache=str(cache), out=str(cache.parent / "run"), fusion=FusionConfig(kind="hierarchical"),
+                      batch_frames=frames, in_memory="false", num_workers=2, seed=0)
+    setup = prepare(cfg, log=lambda m: print(m, file=sys.stderr))
+    model = setup.model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    step = _stepper(model, opt)
+    step(next(iter(setup.train.epoch(0))))  # warm-up: allocator, optimizer state
+    with PeakRSS() as mem:
         t0 = time.perf_counter()
-        extract(ExtractConfig(model=encoder_name, data=str(manifest), out=f"{tmp}/cache.zarr", progress=False,
-                              batch_seconds=batch_seconds), encoder=encoder)
-        extract_s = time.perf_counter() - t0
-        del encoder, online_setup
-        frames = int(batch_seconds * 50)  # both encoders give 50 frames per second
-        cfg = TrainConfig(cache=f"{tmp}/cache.zarr", out=f"{tmp}/run", fusion=FusionConfig(kind="hierarchical"),
-                          batch_frames=frames, in_memory="false", num_workers=2, seed=0)
-        setup = prepare(cfg, log=lambda m: print(m, file=sys.stderr))
-        model = setup.model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        step = _stepper(model, opt)
-        batches = list(setup.train.epoch(0))
-        step(batches[0])  # warm-up
-        t0 = time.perf_counter()
-        for b in batches:
+        n = 0
+        for b in setup.train.epoch(1):
             step(b)
-        compute_s = time.perf_counter() - t0
-        del batches
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            n = 0
-            for b in setup.train.epoch(1):
-                step(b)
-                n += 1
-            epoch_s = time.perf_counter() - t0
+            n += 1
+        epoch_s = time.perf_counter() - t0
+    batches = list(setup.train.epoch(2))
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
+    compute_s = time.perf_counter() - t0
     return {"encoder": encoder_name, "method": "cached-hierarchical", "step_s": compute_s / n, "epoch_s": epoch_s,
-            "epoch_measured": True, "epoch_compute_s": compute_s, "extract_s": extract_s, "batches_per_epoch": n,
+            "epoch_measured": True, "epoch_compute_s": compute_s, "batches_per_epoch": n,
             "trainable_params": sum(p.numel() for p in params), "mem_step_mb": mem.peak - mem.base,
             "peak_rss_mb": mem.peak}
 
@@ -182,24 +189,32 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-seconds", type=float, default=20.0)
     p.add_argument("--utts", type=int, default=64, help="utterances in the (evenly spaced) training subset")
+    p.add_argument("--work", default=str(ROOT / "runs" / "bench_training_cost"), help="subset caches")
     p.add_argument("--child", nargs=2, metavar=("ENCODER", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--doc", default=str(ROOT / "docs" / "results" / "training_cost.md"))
     p.add_argument("--img", default=str(ROOT / "docs" / "img" / "training_cost.png"))
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(*a.child, a.data, a.steps, a.batch_seconds, a.utts)))
+        print(json.dumps(child(*a.child, a.data, a.steps, a.batch_seconds, a.utts, a.work)))
         return
     rows = []
     for enc in a.encoders.split(","):
+        extracted: dict = {}
         for m in a.methods.split(","):
-            cmd = [sys.executable, __file__, "--data", a.data, "--steps", str(a.steps), "--batch-seconds",
-                   str(a.batch_seconds), "--utts", str(a.utts), "--child", enc, m]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"{enc} {m} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+            for sub in (["cached-extract", m] if m.startswith("cached") else [m]):
+                cmd = [sys.executable, __file__, "--data", a.data, "--steps", str(a.steps), "--batch-seconds",
+                       str(a.batch_seconds), "--utts", str(a.utts), "--work", a.work, "--child", enc, sub]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(f"{enc} {sub} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                    break
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                print(json.dumps(row), flush=True)
+                if sub == "cached-extract":
+                    extracted = row
+                else:
+                    rows.append({**row, **({"extract_s": extracted.get("extract_s")} if m.startswith("cached")
+                                           else {})})
     md = render(rows, "python benchmarks/training_cost.py " + " ".join(sys.argv[1:]), a)
     Path(a.doc).parent.mkdir(parents=True, exist_ok=True)
     Path(a.doc).write_text(md)
