@@ -134,10 +134,7 @@ def render(times: dict[str, Any], scores: dict[str, dict[str, str]], a: argparse
 
 
 def plot(times: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hff_cache.plots import plt, save_figure
 
     tasks = list(times["cached"])
     cum_c, cum_o = [times["extract"]], [0.0]
@@ -151,10 +148,7 @@ def plot(times: dict[str, Any], path: str) -> None:
     ax.set(xlabel="tasks trained", ylabel="cumulative wall seconds", title="amortisation over tasks")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -136,10 +136,7 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace, cmd: str, ref: Cac
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hff_cache.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in rows:
@@ -147,10 +144,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.annotate(r["codec"], (r["disk_bpv"], r["wer"]), textcoords="offset points", xytext=(4, 4))
     ax.set(xlabel="bytes per stored value (on disk)", ylabel="validation WER %", title="cache codec: size vs WER")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -255,10 +255,7 @@ def render(rows: list[dict], cmd: str, a: argparse.Namespace) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hff_cache.plots import plt, save_figure
 
     encs = list(dict.fromkeys(r["encoder"] for r in rows))
     fig, axes = plt.subplots(1, max(len(encs), 1), figsize=(5 * max(len(encs), 1), 3.5), squeeze=False)
@@ -267,10 +264,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.bar([r["method"] for r in rs], [r["epoch_s"] for r in rs])
         ax.set(title=enc, ylabel="seconds per epoch (CPU)", yscale="log")
         ax.tick_params(axis="x", rotation=35)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

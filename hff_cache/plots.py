@@ -12,9 +12,17 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-__all__ = ["plot_curves", "plot_layer_weights", "plot_probe"]
+__all__ = ["plot_curves", "plot_layer_weights", "plot_probe", "plt", "save_figure"]
 
 _LABELS = {"wer": "WER %", "cer": "CER %", "per": "PER %", "accuracy": "accuracy %"}
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Lay out, write (making the folder) and close: every PNG of the package and its benchmarks."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, metric: str = "wer") -> None:
@@ -37,9 +45,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, metric: str
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_layer_weights(weights: dict[str, Any], path: str | Path) -> None:
@@ -58,9 +64,7 @@ def plot_layer_weights(weights: dict[str, Any], path: str | Path) -> None:
     ax.set(xlabel="hidden state", ylabel="softmax weight (within group)", title=title, ylim=(0, 1.05))
     if len(groups) > 1:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_probe(rows: Sequence[dict[str, Any]], path: str | Path, metrics: Sequence[str] = ("wer", "cer")) -> None:
@@ -75,6 +79,4 @@ def plot_probe(rows: Sequence[dict[str, Any]], path: str | Path, metrics: Sequen
     ax.set_xticks(layers)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
