@@ -40,7 +40,7 @@ def extract(
                              "audio folder, or a datasets folder saved with save_to_disk"),
     out: str = typer.Option(..., "--out", "-o", help="Cache path or fsspec URL (s3://bucket/prefix)"),
     layers: str | None = typer.Option(None, help="Hidden states to store: 'all' (default), '0,3,6', '0-4'"),
-    codec: str = typer.Option(ExtractConfig.codec, help="fp16 | int8 | int4"),
+    codec: str = typer.Option(ExtractConfig.codec, help="fp16 | int8 | int4 | int4b | nf4b (docs/cache_format.md)"),
     batch_seconds: float = typer.Option(ExtractConfig.batch_seconds, help="Padded audio seconds per batch"),
     device: str = typer.Option(ExtractConfig.device, help="auto | cpu | cuda"),
     precision: str = typer.Option(ExtractConfig.precision, help="auto | fp32 | bf16 | fp16"),

@@ -23,7 +23,7 @@ class ExtractConfig:
     data: str  # manifest (.jsonl/.csv/.tsv), LibriSpeech folder, audio folder or saved HF dataset
     out: str  # cache path or fsspec URL (s3://bucket/prefix)
     layers: list[int] | None = None  # hidden-state indices to store; None = all (embedding + every layer)
-    codec: str = "fp16"  # fp16 | int8 | int4
+    codec: str = "fp16"  # fp16 | int8 | int4 | int4b | nf4b
     batch_seconds: float = 60.0  # padded audio seconds per encoder batch
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16

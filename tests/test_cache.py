@@ -105,12 +105,44 @@ def test_int4_needs_even_dim_and_packs_two_per_byte():
     assert stored["layer"].dtype == np.uint8 and stored["layer"].shape == (3, 3)
 
 
+@pytest.mark.parametrize("name", ["int4b", "nf4b"])
+def test_block_codecs_bound_the_error_per_frame_block(name):
+    x = outlier_data(np.random.default_rng(3), 800, D)
+    x[17] *= 50  # one huge frame: with per-frame block scales it costs the other frames nothing
+    codec = get_codec(name)
+    stored = codec.encode(x)
+    assert stored["layer"].shape == (800, D // 2) and stored["bscale"].shape == (800, D // 64)
+    y = codec.decode(stored, slice(0, len(x)))
+    centred = (x - stored["mean"]).reshape(800, -1, 64)
+    # nearest of the levels: half the widest gap between levels, in units of the block's absmax
+    gap = np.diff(codec.levels).max() / codec.levels[-1] / 2
+    bound = np.abs(centred).max(2, keepdims=True) * gap * (1 + 2e-3) + 1e-6  # + float16 rounding of the scale
+    assert np.all(np.abs(y - x).reshape(800, -1, 64) <= bound)
+    np.testing.assert_array_equal(codec.decode(stored, slice(100, 250)), y[100:250])
+
+
+def test_nf4b_beats_int4b_on_bell_shaped_values_at_the_same_size():
+    x = np.random.default_rng(4).standard_normal((2000, D)).astype(np.float32)
+    err = {n: float(((get_codec(n).decode(get_codec(n).encode(x), slice(None)) - x) ** 2).mean())
+           for n in ("int4b", "nf4b")}
+    assert get_codec("nf4b").bytes_per_value == get_codec("int4b").bytes_per_value
+    assert err["nf4b"] < 0.8 * err["int4b"]
+
+
+def test_int4b_decodes_stored_codes_as_version_1_defined_them():
+    # Caches already on disk must decode unchanged: value = (code - 8) * bscale + mean.
+    stored = {"layer": np.array([[0x1F, 0x88]], np.uint8), "bscale": np.array([[0.5]], np.float16),
+              "mean": np.full(4, 1.0, np.float32)}
+    y = get_codec("int4b", block=4).decode(stored, slice(None))
+    np.testing.assert_array_equal(y, [[(15 - 8) * 0.5 + 1, (1 - 8) * 0.5 + 1, 1.0, 1.0]])  # low nibble first
+
+
 def test_unknown_codec_is_a_clear_error():
     with pytest.raises(CacheFormatError, match="unknown codec 'bf16'"):
         get_codec("bf16")
 
 
-@pytest.mark.parametrize("name,limit", [("fp16", 2.0), ("int8", 1.05), ("int4", 0.55)])
+@pytest.mark.parametrize("name,limit", [("fp16", 2.0), ("int8", 1.05), ("int4", 0.55), ("nf4b", 0.55)])
 def test_bytes_per_value_measured(tmp_path, name, limit):
     dim, frames = 512, 6000
     x = outlier_data(np.random.default_rng(2), frames, dim)[None]

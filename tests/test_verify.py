@@ -56,11 +56,11 @@ def _kinds(root: Path) -> list[tuple[str, str]]:
 
 
 def test_sound_cache_passes(tmp_path: Path) -> None:
-    for codec in ("fp16", "int8", "int4", "int4b"):
+    for codec in ("fp16", "int8", "int4", "int4b", "nf4b"):
         rep = verify_cache(str(_cache(tmp_path / codec, codec)))
         assert rep.ok, rep.problems
         assert rep.utterances == 9 and rep.committed_parts >= 3 and rep.skipped == 1 and rep.warnings == []
-        assert rep.values_checked == rep.frames * len(LAYERS) * (D // 2 if codec.startswith("int4") else D)
+        assert rep.values_checked == rep.frames * len(LAYERS) * (D // 2 if "4" in codec else D)  # packed bytes
 
 
 def test_each_damage_is_found_and_located(tmp_path: Path) -> None:
