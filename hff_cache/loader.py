@@ -7,7 +7,7 @@ batches of at most ``batch_frames`` padded frames, then shuffles the batch order
 with one ``CacheReader.read_many`` call (one contiguous range per layer), so each compressed chunk is
 decoded once per epoch -- never one random utterance per chunk decode. A producer thread decodes the
 next window with ``num_workers`` threads while the model trains on the current one; a bounded queue of
-``prefetch`` batches limits memory.
+``prefetch`` batches limits memory. Windows are decoded to float16 and capped at ``WINDOW_BYTES``.
 
 ``in_memory`` loads every labelled frame once into a float16 tensor (exact for fp16 caches) and then
 only gathers batches from RAM. The plan of an epoch depends only on (seed, epoch), never on thread
@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from hff_cache.cache.format import CHUNK_FRAMES
 
 __all__ = ["Batch", "BatchSource", "CacheBatches", "collate_targets", "plan_batches", "memory_available"]
 
@@ -112,6 +114,7 @@ def memory_available() -> int:
 
 
 _DONE = object()
+WINDOW_BYTES = 1 << 30  # decoded features one shuffle window may hold (float16); two are alive at a time
 
 
 class CacheBatches:
@@ -134,6 +137,12 @@ class CacheBatches:
         self.num_workers, self.prefetch = max(1, int(num_workers)), max(1, int(prefetch))
         self.indices = np.asarray(data.indices, dtype=np.int64)
         self.lengths = np.asarray(reader.lengths, dtype=np.int64)[self.indices]
+        # Decoded windows are float16 and at most WINDOW_BYTES, whatever ``shuffle_frames`` says: wide
+        # encoders (25 x 1024 values a frame) would otherwise hold gigabytes per window. Blocks shrink with
+        # the window (not below a chunk) so a window still pools several places of the cache.
+        frame_bytes = self.num_layers * self.hidden_size * 2
+        self.shuffle_frames = max(1, min(self.shuffle_frames, WINDOW_BYTES // frame_bytes))
+        block_frames = min(int(block_frames), max(CHUNK_FRAMES, self.shuffle_frames // 8))
         if world_size > 1:  # enough blocks for every rank to get a balanced share of whole blocks
             block_frames = max(1, min(int(block_frames), int(self.lengths.sum()) // (8 * world_size)))
         self.blocks = self._make_blocks(int(block_frames))
@@ -212,7 +221,7 @@ class CacheBatches:
     # -- reading --
 
     def _read_block(self, block: np.ndarray) -> list[np.ndarray]:
-        return self.reader.read_many(self.indices[block].tolist(), self.layers)
+        return self.reader.read_many(self.indices[block].tolist(), self.layers, dtype=np.float16)
 
     def load(self) -> None:
         """Decode every labelled frame once into a float16 tensor (``in_memory``)."""
@@ -236,8 +245,8 @@ class CacheBatches:
 
     def _collate(self, batch: list[int], feats: dict[int, Any]) -> Batch:
         lens = [int(self.lengths[p]) for p in batch]
-        dtype = torch.float16 if self.in_memory else torch.float32
-        x = torch.zeros(len(batch), max(lens), self.num_layers, self.hidden_size, dtype=dtype)
+        # float16 like the cache (the model's first op casts per layer; half the bytes to copy and move)
+        x = torch.zeros(len(batch), max(lens), self.num_layers, self.hidden_size, dtype=torch.float16)
         for i, p in enumerate(batch):
             f = feats[p]
             x[i, : lens[i]] = f if isinstance(f, torch.Tensor) else torch.from_numpy(f)

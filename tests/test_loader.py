@@ -92,7 +92,8 @@ def test_reads_whole_blocks_not_single_utterances(setup, monkeypatch):
     reader = setup[0]
     calls = []
     real = reader.read_many
-    monkeypatch.setattr(reader, "read_many", lambda idx, layers=None: calls.append(list(idx)) or real(idx, layers))
+    monkeypatch.setattr(reader, "read_many",
+                        lambda idx, layers=None, **kw: calls.append(list(idx)) or real(idx, layers, **kw))
     src = source(setup, batch_frames=10_000, block_frames=150)
     list(src.epoch(0))
     assert len(calls) == len(src.blocks) < len(setup[2])
@@ -128,3 +129,20 @@ def test_collate_targets():
     assert t.tolist() == [[1, 2, 3], [4, 0, 0]] and tl.tolist() == [3, 1]
     t, tl = collate_targets([2, 0], ctc=False)
     assert t.tolist() == [2, 0] and tl is None
+
+
+def test_windows_are_float16_and_capped_in_bytes(setup, monkeypatch):
+    import hff_cache.loader as loader
+
+    reader, _, data = setup
+    frame_bytes = len(reader.meta.layers) * reader.meta.encoder.hidden_size * 2
+    monkeypatch.setattr(loader, "WINDOW_BYTES", 120 * frame_bytes)  # a wide encoder's budget, scaled down
+    src = source(setup, shuffle_frames=100_000, block_frames=40, batch_frames=400)
+    assert src.shuffle_frames == 120
+    plan = src.plan(0)
+    assert len(plan) > 1
+    for blocks, _ in plan:  # a window closes at the first block that reaches the budget
+        assert sum(int(src.lengths[b].sum()) for b in blocks[:-1]) < 120
+    batches = list(src.epoch(0))
+    assert all(b.feats.dtype == torch.float16 for b in batches)
+    assert sorted(u for b in batches for u in b.ids) == sorted(data.ids)

@@ -66,7 +66,8 @@ class Codec:
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def decode(self, stored: dict[str, Any], rows: slice) -> np.ndarray:
+    def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
+        """Rows ``rows`` of the layer as ``dtype`` (float32, or float16 for the training loader)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -94,8 +95,8 @@ class FP16Codec(Codec):
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return {MAIN: np.asarray(x).astype(np.float16, copy=False)}
 
-    def decode(self, stored: dict[str, Any], rows: slice) -> np.ndarray:
-        return np.asarray(stored[MAIN][rows], dtype=np.float32)
+    def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
+        return np.asarray(stored[MAIN][rows], dtype=dtype)  # float16 out: no conversion at all
 
 
 def _symmetric_scales(x: np.ndarray, qmax: int) -> np.ndarray:
@@ -124,10 +125,10 @@ class Int8Codec(Codec):
         scale = _symmetric_scales(x, 127)
         return {MAIN: _quantize(x, scale, 127), "scale": scale}
 
-    def decode(self, stored: dict[str, Any], rows: slice) -> np.ndarray:
+    def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
         q = np.asarray(stored[MAIN][rows])
         scale = np.asarray(stored["scale"][...], dtype=np.float32)
-        return q.astype(np.float32) * scale
+        return (q.astype(np.float32) * scale).astype(dtype, copy=False)
 
 
 class Int4Codec(Codec):
@@ -156,13 +157,13 @@ class Int4Codec(Codec):
         packed = u[:, 0::2] | (u[:, 1::2] << 4)
         return {MAIN: packed.astype(np.uint8), "scale": scale}
 
-    def decode(self, stored: dict[str, Any], rows: slice) -> np.ndarray:
+    def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
         b = np.asarray(stored[MAIN][rows])
         scale = np.asarray(stored["scale"][...], dtype=np.float32)
         out = np.empty((b.shape[0], b.shape[1] * 2), dtype=np.float32)
         out[:, 0::2] = (b & 0x0F).astype(np.float32) - 8
         out[:, 1::2] = (b >> 4).astype(np.float32) - 8
-        return out * scale
+        return (out * scale).astype(dtype, copy=False)
 
 
 class Int4BlockCodec(Codec):
@@ -219,7 +220,7 @@ class Int4BlockCodec(Codec):
         u = (np.searchsorted(mids, unit) + self.first_code).astype(np.uint8)  # the nearest level
         return {MAIN: (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8), "mean": mean, "bscale": scale}
 
-    def decode(self, stored: dict[str, Any], rows: slice) -> np.ndarray:
+    def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
         b = np.asarray(stored[MAIN][rows])
         scale = np.asarray(stored["bscale"][rows], dtype=np.float32)
         table = np.zeros(16, dtype=np.float32)
@@ -228,7 +229,7 @@ class Int4BlockCodec(Codec):
         out[:, 0::2] = table[b & 0x0F]
         out[:, 1::2] = table[b >> 4]
         out = out.reshape(len(out), -1, self.block) * scale[:, :, None]
-        return out.reshape(len(b), -1) + np.asarray(stored["mean"], dtype=np.float32)
+        return (out.reshape(len(b), -1) + np.asarray(stored["mean"], dtype=np.float32)).astype(dtype, copy=False)
 
 
 class NF4BlockCodec(Int4BlockCodec):
