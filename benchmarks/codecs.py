@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--codecs", default="fp16,int8,int4,int4b")
     p.add_argument("--fusion", default="last")
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seeds", default="0", help="comma-separated; WER is the mean, the change is paired by seed")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--doc", default=str(ROOT / "docs" / "results" / "codecs.md"))
     p.add_argument("--img", default=str(ROOT / "docs" / "img" / "codecs.png"))
@@ -80,6 +81,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ref_train, ref_valid = CacheReader(a.train_cache), CacheReader(a.valid_cache)
     rows: list[dict[str, Any]] = []
+    seeds = [int(x) for x in a.seeds.split(",")]
     for codec in a.codecs.split(","):
         t0 = time.perf_counter()
         if codec == ref_train.meta.codec.name:
@@ -90,20 +92,29 @@ def main() -> None:
         t_code = time.perf_counter() - t0
         info = CacheReader(tr).info()
         err = ln_error(ref_valid, CacheReader(va))
-        # Same recipe for every codec (the demo's: short, higher LR, small batches), one seed.
-        cfg = TrainConfig(cache=tr, valid_cache=va, out=str(work / f"run-{codec}"), task="asr",
-                          fusion=FusionConfig(kind=a.fusion), epochs=a.epochs, lr=a.lr, batch_frames=5000,
-                          max_batch_utts=32, warmup_steps=10, force=True)
-        print(f"--- {codec}: training {cfg.out}", file=sys.stderr, flush=True)
-        m = train(cfg)
+        # Same recipe for every codec (the demo's: short, higher LR, small batches); paired seeds.
+        wers, cers = [], []
+        for seed in seeds:
+            out = work / (f"run-{codec}" if seed == 0 else f"run-{codec}-s{seed}")
+            if (out / "metrics.json").exists():  # a finished run of this recipe: reuse it
+                m = json.loads((out / "metrics.json").read_text())
+            else:
+                cfg = TrainConfig(cache=tr, valid_cache=va, out=str(out), task="asr",
+                                  fusion=FusionConfig(kind=a.fusion), epochs=a.epochs, lr=a.lr, batch_frames=5000,
+                                  max_batch_utts=32, warmup_steps=10, seed=seed, force=True)
+                print(f"--- {codec} seed {seed}: training {cfg.out}", file=sys.stderr, flush=True)
+                m = train(cfg)
+            wers.append(m["wer"])
+            cers.append(m["cer"])
         rows.append({"codec": codec, "params": info["codec"]["params"],
                      "nominal_bpv": get_codec(codec).bytes_per_value, "disk_bpv": info["bytes_per_value"],
-                     "mib": info["bytes"] / 2**20, "wer": m["wer"], "cer": m["cer"], "ln_mse": err,
-                     "transcode_s": t_code})
+                     "mib": info["bytes"] / 2**20, "wers": wers, "wer": float(np.mean(wers)),
+                     "cer": float(np.mean(cers)), "ln_mse": err, "transcode_s": t_code})
         print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["codec"] == "fp16"), rows[0])
-    for r in rows:
-        r["dwer"] = r["wer"] - base["wer"]
+    for r in rows:  # paired by seed: the same seed gives every codec the same weights, batches and masks
+        r["dwers"] = [w - b for w, b in zip(r["wers"], base["wers"], strict=True)]
+        r["dwer"] = float(np.mean(r["dwers"]))
     cmd = "python benchmarks/codecs.py " + " ".join(sys.argv[1:])
     md = render(rows, a, cmd, ref_train)
     Path(a.doc).parent.mkdir(parents=True, exist_ok=True)
@@ -119,17 +130,19 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace, cmd: str, ref: Cac
         f"`{cmd}`", "",
         f"{time.strftime('%Y-%m-%d')}. Encoder `{ref.meta.encoder.name}`, {len(ref)} training utterances; the fp16 "
         f"caches transcoded to each codec; the same recipe on each (fusion `{a.fusion}`, {a.epochs} epochs, "
-        f"lr {a.lr}, batches of 5000 frames, seed 0). Bytes per value: nominal (payload + per-frame side "
+        f"lr {a.lr}, batches of 5000 frames, seeds {a.seeds}; WER/CER are means over seeds and the change against "
+        "fp16 is paired by seed). Bytes per value: nominal (payload + per-frame side "
         "arrays, before zstd) and measured on disk (everything in the store / values stored). LN-MSE: mean "
         "squared error after a per-frame LayerNorm (what the fusion sees), per hidden state "
         f"{layers[0]}..{layers[-1]}.", "",
-        "| codec | nominal B/value | disk B/value | cache MiB | WER % | CER % | WER change vs fp16 | "
+        "| codec | nominal B/value | disk B/value | cache MiB | WER % | per-seed WER | CER % | WER change vs fp16 | "
         "LN-MSE per hidden state |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
         lines.append(f"| {r['codec']} | {r['nominal_bpv']:.3f} | {r['disk_bpv']:.3f} | {r['mib']:.0f} | "
-                     f"{r['wer']:.1f} | {r['cer']:.1f} | {r['dwer']:+.1f} | "
+                     f"{r['wer']:.2f} | {' '.join(f'{w:.1f}' for w in r['wers'])} | {r['cer']:.1f} | "
+                     f"{r['dwer']:+.2f} | "
                      + " ".join(f"{e:.3f}" for e in r["ln_mse"]) + " |")
     lines += ["", "![bytes per value versus WER](../img/codecs.png)", ""]
     return "\n".join(lines)
