@@ -49,12 +49,7 @@ class Batch:
 
     @property
     def num_frames(self) -> int:
-        """Frames this source delivers per epoch (under torchrun: this rank's share)."""
-        return int(sum(int(self.lengths[b].sum()) for b in self.blocks))
-
-    @property
-    def num_utterances(self) -> int:
-        return int(sum(len(b) for b in self.blocks))
+        return int(self.lengths.sum())
 
     def to(self, device: torch.device | str) -> Batch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -145,4 +145,5 @@ def test_windows_are_float16_and_capped_in_bytes(setup, monkeypatch):
         assert sum(int(src.lengths[b].sum()) for b in blocks[:-1]) < 120
     batches = list(src.epoch(0))
     assert all(b.feats.dtype == torch.float16 for b in batches)
+    assert sum(b.num_frames for b in batches) == src.num_frames == int(src.lengths.sum())
     assert sorted(u for b in batches for u in b.ids) == sorted(data.ids)
