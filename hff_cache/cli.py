@@ -217,7 +217,7 @@ def train(
                                              "s3://... caches (repeatable), e.g. endpoint_url=http://..."),
 ) -> None:
     """Train layer fusion + a task head on cached features (or, with --online, on audio with the encoder
-    in the loop); writes a run directory."""
+    in the loop); writes a run directory. Under torchrun: DistributedDataParallel, each rank on its share."""
     from hff_cache.online import train_online
     from hff_cache.train import train as run_train
 

@@ -20,9 +20,9 @@ def test_probe_one_row_per_layer_reading_one_layer(tmp_path, monkeypatch):
     asked = set()
     real = CacheReader.read_many
 
-    def spy(self, indices, layers=None):
+    def spy(self, indices, layers=None, **kw):
         asked.add(None if layers is None else tuple(layers))
-        return real(self, indices, layers)
+        return real(self, indices, layers, **kw)
 
     monkeypatch.setattr(CacheReader, "read_many", spy)
     base = TrainConfig(cache=str(cache), valid_cache=str(cache), fusion=FusionConfig(width=16, blocks=1),
