@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
@@ -38,28 +37,13 @@ import numpy as np
 from hff_cache.cache import CacheReader
 from hff_cache.cache.verify import verify_cache
 from hff_cache.data import load_intake
+from hff_cache.testing import parts_on_disk
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "hff_cache"]
 
 
 # --- harness ----------------------------------------------------------------------------------------------
-
-
-def parts_on_disk(out: Path) -> tuple[set[str], int]:
-    """(part directories, committed parts) of a local cache as they are right now."""
-    try:
-        names = {e.name for e in os.scandir(out / "parts") if e.is_dir()}
-    except FileNotFoundError:
-        return set(), 0
-    committed = 0
-    for n in names:
-        try:
-            doc = json.loads((out / "parts" / n / "zarr.json").read_text())
-            committed += doc["attributes"]["committed"] is True
-        except (OSError, ValueError, KeyError):
-            pass
-    return names, committed
 
 
 def kill_at_random(cmd: list[str], out: Path, rng: random.Random, timeout: float = 600.0) -> dict[str, Any]:

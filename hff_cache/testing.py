@@ -110,3 +110,23 @@ def tiny_cache(folder: str | Path, durations: list[float] | None = None, texts: 
                         progress=False, batch_seconds=4.0)
     extract(cfg, encoder=tiny_encoder(family, seed=seed))
     return out
+
+
+def parts_on_disk(out: str | Path) -> tuple[set[str], int]:
+    """(part directories, committed parts) of a local cache as they are on disk right now: what a watcher
+    (the fault-injection benchmark and tests) sees while an extraction runs, without opening the cache."""
+    import os
+
+    out = Path(out)
+    try:
+        names = {e.name for e in os.scandir(out / "parts") if e.is_dir()}
+    except FileNotFoundError:
+        return set(), 0
+    committed = 0
+    for n in names:
+        try:
+            doc = json.loads((out / "parts" / n / "zarr.json").read_text())
+            committed += doc["attributes"]["committed"] is True
+        except (OSError, ValueError, KeyError):
+            pass
+    return names, committed

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from hff_cache.cache import CacheLockedError, CacheReader, CacheWriteError, Cach
 from hff_cache.cache.verify import verify_cache
 from hff_cache.config import ExtractConfig
 from hff_cache.extract import extract
-from hff_cache.testing import tiny_encoder, write_corpus
+from hff_cache.testing import parts_on_disk, tiny_encoder, write_corpus
 
 MODEL = "tiny-random:wav2vec2"
 DURATIONS = [0.5 + 0.1 * (i % 7) for i in range(40)]  # 40 utterances, ~32 s, ~14 parts of 100 frames
@@ -63,28 +62,13 @@ def assert_same_cache(got: Path, ref: CacheReader) -> None:
         np.testing.assert_allclose(r.read(uid), ref.read(uid), rtol=1e-2, atol=2e-3)
 
 
-def _parts(out: Path) -> tuple[set[str], int]:
-    """(part dirs, committed parts) as seen on disk right now."""
-    try:
-        names = {e.name for e in os.scandir(out / "parts") if e.is_dir()}
-    except FileNotFoundError:
-        return set(), 0
-    committed = 0
-    for n in names:
-        try:
-            committed += json.loads((out / "parts" / n / "zarr.json").read_text())["attributes"]["committed"] is True
-        except (OSError, ValueError, KeyError):
-            pass
-    return names, committed
-
-
 def kill_at_random(cmd: list[str], out: Path, rng: random.Random, timeout: float = 120.0) -> str:
     """Start `cmd`, SIGKILL it at a random moment of its extraction; returns what happened.
 
     Two kinds of moment: the instant a new part directory appears (its arrays are being written: the
     interrupted-part path), or a random delay after a new commit (anywhere: encoding, buffering, writing).
     """
-    before, done_before = _parts(out)
+    before, done_before = parts_on_disk(out)
     mode = rng.choice(["new-part", "after-commit"])
     delay = rng.uniform(0.0, 0.3)
     err = tempfile.TemporaryFile()  # a file, not a pipe nobody reads: the child can never block on it
@@ -100,7 +84,7 @@ def kill_at_random(cmd: list[str], out: Path, rng: random.Random, timeout: float
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 return finished()
-            names, committed = _parts(out)
+            names, committed = parts_on_disk(out)
             if mode == "new-part" and names - before:
                 break
             if mode == "after-commit" and committed > done_before:
