@@ -331,8 +331,7 @@ def fit(setup: Setup, cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None
     device = distributed.resolve_device(cfg.device)
     d = distributed.init(device)
     # rank 0 checks (and with --force clears) the run directory; every rank gets its verdict
-    verdict = _main_only(d, lambda: _open_run(run, cfg, setup.doc, log))
-    resume = bool(verdict)
+    resume = bool(_main_only(d, lambda: _open_run(run, cfg, setup.doc, log)))
     if d.is_main:
         run.mkdir(parents=True, exist_ok=True)
     if cfg.threads > 0:
@@ -358,9 +357,10 @@ def fit(setup: Setup, cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None
         opt.load_state_dict(state.pop("optimizer"))
         torch_rng, aug_rng = state.pop("torch_rng"), state.pop("aug_rng")
         rank_rng = state.pop("rank_rng", None)
-        if rank_rng is not None and len(rank_rng) == d.world_size:
+        same_world = rank_rng is not None and len(rank_rng) == d.world_size
+        if same_world:
             torch_rng, aug_rng = rank_rng[d.rank]
-        if not d.enabled or rank_rng is not None:  # RNG of another world size: keep the fresh per-rank seeds
+        if same_world or not d.enabled:  # another number of ranks: keep the fresh per-rank seeds
             torch.set_rng_state(torch_rng)
             gen.set_state(aug_rng)
         st.update(state)
