@@ -5,9 +5,9 @@ subprocess works on the same evenly spaced subset of utterances:
 - online ``hff-frozen``, ``hff-adapters``, ``adapters``, ``bitfit``, ``full``: ``online.prepare_online``,
   the first ``--steps`` + 1 batches of epoch 0, full training steps (forward, CTC loss, backward, AdamW)
   timed after one warm-up; epoch seconds = mean step x batches per epoch (extrapolated);
-- cached ``hierarchical``: the subset extracted once with the same encoder (timed), then one epoch of the
-  fusion and head on batches already in memory (compute alone) and one real epoch streamed from the cache
-  through the loader (measured, reads included).
+- cached ``hierarchical``: the subset extracted once with the same encoder (timed), then, in a process
+  without the encoder, the same epoch of batches three ways, the faster of two runs each: streamed from
+  the cache through the loader, from RAM (``--in-memory``), and pre-collated (the fusion and head alone).
 Memory: the process's resident set sampled every 5 ms during the timed steps, minus the resident set just
 before them, plus the absolute peak.
 Bound: (encoder pass + fusion-and-head epoch) / fusion-and-head epoch, the most a cache can save over
@@ -146,9 +146,8 @@ def extract_subset(encoder_name: str, online_setup: Any, cache: Path, batch_seco
 
 
 def cached_child(encoder_name: str, cache: Path, batch_seconds: float) -> dict:
-    """``hierarchical`` from the cache streamed through the loader (not in RAM), no encoder in the process:
-    one epoch of the fusion and head alone (batches already in memory) and one real epoch with the reads
-    (the loader's decode threads running beside the steps)."""
+    """``hierarchical`` from the cache, no encoder in the process: one epoch's batches streamed through the
+    loader (its decode threads beside the steps), from RAM, and pre-collated (the fusion and head alone)."""
     import torch
 
     from hff_cache.config import TrainConfig
@@ -211,19 +210,10 @@ def main() -> None:
         print(json.dumps(child(*a.child, a.data, a.steps, a.batch_seconds, a.utts, a.work)))
         return
     if a.render_from:  # re-render the table from the JSON lines a run printed
-        rows, extracted = [], {}
-        for line in Path(a.render_from).read_text().splitlines():
-            if line.startswith("{"):
-                row = json.loads(line)
-                if row["method"] == "cached-extract":
-                    extracted[row["encoder"]] = row["extract_s"]
-                else:
-                    rows.append({**row, **({"extract_s": extracted[row["encoder"]]}
-                                           if row["method"].startswith("cached") else {})})
-        return finish(rows, a)
-    rows = []
+        lines = Path(a.render_from).read_text().splitlines()
+        return finish(with_extraction([json.loads(x) for x in lines if x.startswith("{")]), a)
+    printed = []
     for enc in a.encoders.split(","):
-        extracted: dict = {}
         for m in a.methods.split(","):
             for sub in (["cached-extract", m] if m.startswith("cached") else [m]):
                 cmd = [sys.executable, __file__, "--data", a.data, "--steps", str(a.steps), "--batch-seconds",
@@ -232,18 +222,27 @@ def main() -> None:
                 if out.returncode != 0:
                     print(f"{enc} {sub} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
                     break
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                print(json.dumps(row), flush=True)
-                if sub == "cached-extract":
-                    extracted = row
-                else:
-                    rows.append({**row, **({"extract_s": extracted.get("extract_s")} if m.startswith("cached")
-                                           else {})})
-    finish(rows, a)
+                printed.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(json.dumps(printed[-1]), flush=True)
+    finish(with_extraction(printed), a)
+
+
+def with_extraction(printed: list[dict]) -> list[dict]:
+    """The table's rows: each cached row gets its encoder's extraction time (the rows before it)."""
+    extract_s: dict[str, float] = {}
+    rows = []
+    for row in printed:
+        if row["method"] == "cached-extract":
+            extract_s[row["encoder"]] = row["extract_s"]
+        else:
+            rows.append({**row, "extract_s": extract_s.get(row["encoder"])} if row["method"].startswith("cached")
+                        else row)
+    return rows
 
 
 def finish(rows: list[dict], a: argparse.Namespace) -> None:
-    argv = [x for i, x in enumerate(sys.argv[1:]) if x != "--render-from" and sys.argv[i] != "--render-from"]
+    # the command that reproduces the numbers: without --render-from and its value
+    argv = [x for i, x in enumerate(sys.argv[1:]) if "--render-from" not in (x, sys.argv[i])]
     md = render(rows, "python benchmarks/training_cost.py " + " ".join(argv), a)
     Path(a.doc).parent.mkdir(parents=True, exist_ok=True)
     Path(a.doc).write_text(md)
@@ -256,9 +255,9 @@ def render(rows: list[dict], cmd: str, a: argparse.Namespace) -> str:
              f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, no GPU. The same {a.utts} utterances "
              f"for every method, batches of <= {a.batch_seconds:.0f} s of padded audio. Online methods: "
              f"{a.steps} timed training steps after one warm-up, epoch = mean step x batches per epoch. Cached: "
-             "the utterances extracted once, then real epochs of `hierarchical` streamed from the cache through "
-             "the loader (measured), and one epoch of the same steps on batches already in memory (the fusion "
-             "and head alone). Ratio = online epoch / cached epoch. Bound = (encoder forward + fusion and "
+             "the utterances extracted once, then the same epoch of `hierarchical` streamed from the cache through "
+             "the loader, from RAM, and on batches already collated (the fusion and head alone), each measured. "
+             "Ratio = online epoch / cached epoch. Bound = (encoder forward + fusion and "
              "head) / (fusion and head): the most a cache can save over `hff-frozen`, with the extraction time "
              "standing for one encoder pass over the epoch. Memory: resident-set growth during the timed "
              "steps, and the process peak.", ""]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import typer
@@ -58,13 +57,15 @@ def extract(
     from hff_cache.audio import AudioError
     from hff_cache.cache import CacheFormatError, CacheMismatchError, CacheWriteError
     from hff_cache.data import IntakeError
+    from hff_cache.distributed import current
     from hff_cache.extract import extract as run_extract
 
+    job = current()  # torchrun's RANK / WORLD_SIZE pick the shard unless given
     cfg = ExtractConfig(
         model=model, data=data, out=out, layers=parse_layers(layers), codec=codec, batch_seconds=batch_seconds,
         device=device, precision=precision, on_error=on_error, max_seconds=max_seconds,
-        num_shards=num_shards if num_shards is not None else int(os.environ.get("WORLD_SIZE", 1)),
-        shard_index=shard_index if shard_index is not None else int(os.environ.get("RANK", 0)),
+        num_shards=num_shards if num_shards is not None else job.world_size,
+        shard_index=shard_index if shard_index is not None else job.rank,
         storage_options=_storage_options(storage_option), progress=progress, part_frames=part_frames,
     )
     try:

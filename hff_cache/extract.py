@@ -10,7 +10,6 @@ crash, a full disk or a kill continues where it stopped, and a finished cache is
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,7 @@ from hff_cache.cache import (
 )
 from hff_cache.config import ExtractConfig
 from hff_cache.data import Utterance, intake_fingerprint, load_intake
-from hff_cache.distributed import balanced_assignment, resolve_device
+from hff_cache.distributed import balanced_assignment, current, resolve_device
 from hff_cache.encoders import SpeechEncoder, load_encoder
 
 
@@ -246,4 +245,4 @@ def _progress(todo: Sequence[Utterance], enabled: bool):  # noqa: ANN202 - tqdm 
 
 
 def _is_main_process() -> bool:
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+    return current().local_rank == 0

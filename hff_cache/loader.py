@@ -9,7 +9,7 @@ decoded once per epoch -- never one random utterance per chunk decode. A produce
 next window with ``num_workers`` threads while the model trains on the current one; a bounded queue of
 ``prefetch`` batches limits memory. Windows are decoded to float16 and capped at ``WINDOW_BYTES``.
 
-``in_memory`` loads every labelled frame once into a float16 tensor (exact for fp16 caches) and then
+``in_memory`` loads every labelled frame once into a float16 array (exact for fp16 caches) and then
 only gathers batches from RAM. The plan of an epoch depends only on (seed, epoch), never on thread
 timing, so a resumed run sees the same batches as an uninterrupted one.
 """
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from hff_cache.cache.format import CHUNK_FRAMES
+from hff_cache.distributed import balanced_assignment
 
 __all__ = ["Batch", "BatchSource", "CacheBatches", "collate_targets", "plan_batches", "memory_available"]
 
@@ -144,11 +145,8 @@ class CacheBatches:
         if world_size > 1:
             # Under torchrun this rank owns a fixed, frame-balanced share of the blocks and never reads
             # another rank's (hff_cache.distributed). Fixed, so --in-memory holds only the share.
-            from hff_cache.distributed import balanced_assignment
-
             owner = balanced_assignment([int(self.lengths[b].sum()) for b in self.blocks], world_size)
             self.blocks = [b for b, r in zip(self.blocks, owner, strict=True) if r == rank]
-        self.rank, self.world_size = rank, world_size
         self.nbytes_fp16 = self.num_frames * self.num_layers * self.hidden_size * 2
         if in_memory == "auto":
             # half of what is free leaves room for the batches, the model and a second (valid) cache;
@@ -219,7 +217,7 @@ class CacheBatches:
         return self.reader.read_many(self.indices[block].tolist(), self.layers, dtype=np.float16)
 
     def load(self) -> None:
-        """Decode every labelled frame once into a float16 tensor (``in_memory``)."""
+        """Decode every labelled frame once into a float16 array (``in_memory``)."""
         if self._mem is not None:
             return
         # positions outside this source's blocks (another rank's share) get empty ranges
@@ -252,7 +250,7 @@ class CacheBatches:
                      targets=targets, target_lengths=target_lengths, feats=torch.from_numpy(x))
 
     def _window_feats(self, blocks: list[np.ndarray], pool: ThreadPoolExecutor | None) -> Any:
-        """Future-like: .result() -> {position: (T, L, D) array or tensor view}."""
+        """Future-like: .result() -> {position: (T, L, D) float16 array or view}."""
         if self.in_memory:
             mem, off = self._mem, self._mem_offsets
             assert mem is not None and off is not None

@@ -111,9 +111,7 @@ class AudioBatches:
         # under torchrun: this rank's fixed, duration-balanced share (hff_cache.distributed)
         self.positions = list(range(len(self.utts)))
         if world_size > 1:
-            from hff_cache.distributed import balanced_assignment
-
-            owner = balanced_assignment(self.lengths.tolist(), world_size, keys=self.ids)
+            owner = distributed.balanced_assignment(self.lengths.tolist(), world_size, keys=self.ids)
             self.positions = [p for p in self.positions if owner[p] == rank]
 
     def __len__(self) -> int:
