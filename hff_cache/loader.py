@@ -240,7 +240,8 @@ class CacheBatches:
         lens = [int(self.lengths[p]) for p in batch]
         # float16 like the cache (the model's first op casts per layer; half the bytes to copy and move).
         # numpy, not torch: a torch op in this thread would start a second OpenMP team beside the training
-        # step's; measured on 2 cores: an epoch took 1.8x the steps alone with torch here, 1.0x with numpy.
+        # step's: on 2 cores an epoch from RAM took 2.08x the steps alone with torch here, 0.88x with numpy
+        # (benchmarks/training_cost.py, docs/results.md).
         x = np.zeros((len(batch), max(lens), self.num_layers, self.hidden_size), dtype=np.float16)
         for i, p in enumerate(batch):
             f = feats[p]
