@@ -42,8 +42,8 @@ def run(cmd: list[str], log: Path) -> float:
 
 def subset(src: Path, dst: Path, n: int) -> None:
     """``n`` utterances of manifest ``src``, evenly spaced in id order (as `train --max-train-utts`)."""
-    from hff_cache.data import load_intake
-    from hff_cache.online import spread_subset
+    from hff_cache.batches.from_audio import spread_subset
+    from hff_cache.intake.manifests import load_intake
 
     keep = {u.id for u in spread_subset(load_intake(str(src)), n)}
     rows = [json.loads(line) for line in src.open()]
@@ -134,7 +134,7 @@ def render(times: dict[str, Any], scores: dict[str, dict[str, str]], a: argparse
 
 
 def plot(times: dict[str, Any], path: str) -> None:
-    from hff_cache.plots import plt, save_figure
+    from hff_cache.runs.plots import plt, save_figure
 
     tasks = list(times["cached"])
     cum_c, cum_o = [times["extract"]], [0.0]

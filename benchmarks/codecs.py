@@ -24,8 +24,8 @@ import numpy as np
 
 from hff_cache.cache import CacheReader, CacheWriter, CodecSpec, get_codec
 from hff_cache.config import TrainConfig
-from hff_cache.fusion import FusionConfig
-from hff_cache.train import train
+from hff_cache.model.fusion import FusionConfig
+from hff_cache.training.cached import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace, cmd: str, ref: Cac
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
-    from hff_cache.plots import plt, save_figure
+    from hff_cache.runs.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in rows:

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hff_cache.audio import load_audio
 from hff_cache.cache import CacheReader
 from hff_cache.config import ExtractConfig
-from hff_cache.data import load_intake
 from hff_cache.encoders import EncoderBatch, load_encoder
-from hff_cache.extract import extract
+from hff_cache.extraction.extract import extract
+from hff_cache.intake.audio import load_audio
+from hff_cache.intake.manifests import load_intake
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRI = ROOT.parent / "shared" / "data" / "librispeech-subset"

@@ -36,7 +36,7 @@ import numpy as np
 
 from hff_cache.cache import CacheReader
 from hff_cache.cache.verify import verify_cache
-from hff_cache.data import load_intake
+from hff_cache.intake.manifests import load_intake
 from hff_cache.testing import parts_on_disk
 
 ROOT = Path(__file__).resolve().parents[1]

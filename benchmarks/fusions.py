@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from hff_cache.config import TrainConfig
-from hff_cache.fusion import FusionConfig
-from hff_cache.train import train
+from hff_cache.model.fusion import FusionConfig
+from hff_cache.training.cached import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> FusionConfig overrides; last-wide: width chosen so its parameters match hierarchical's (Whisper base)
@@ -105,7 +105,7 @@ def report(a: argparse.Namespace) -> str:
 
 
 def plot(work: Path, path: str) -> None:
-    from hff_cache.plots import plt, save_figure
+    from hff_cache.runs.plots import plt, save_figure
 
     runs = collect(work)
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
+from hff_cache.batches.from_cache import CacheBatches
 from hff_cache.cache import CacheReader
-from hff_cache.loader import CacheBatches
-from hff_cache.model import HFFModel, ModelSpec, SpecAugment
-from hff_cache.tasks import Task
+from hff_cache.model.augment import SpecAugment
+from hff_cache.model.hff import HFFModel, ModelSpec
+from hff_cache.tasks.task import Task
 
 
 def loader_rate(src: CacheBatches, epochs: int) -> tuple[float, float]:

@@ -82,7 +82,7 @@ def child(encoder_name: str, method: str, data: str, steps: int, batch_seconds: 
 
     import hff_cache.encoders as encoders
     from hff_cache.config import TrainConfig
-    from hff_cache.online import prepare_online
+    from hff_cache.training.online import prepare_online
 
     torch.manual_seed(0)
     cache = Path(work) / encoder_name.replace(":", "_") / "cache.zarr"
@@ -131,7 +131,7 @@ def extract_subset(encoder_name: str, online_setup: Any, cache: Path, batch_seco
     import shutil
 
     from hff_cache.config import ExtractConfig
-    from hff_cache.extract import extract
+    from hff_cache.extraction.extract import extract
 
     shutil.rmtree(cache.parent, ignore_errors=True)
     cache.parent.mkdir(parents=True)
@@ -151,8 +151,8 @@ def cached_child(encoder_name: str, cache: Path, batch_seconds: float) -> dict:
     import torch
 
     from hff_cache.config import TrainConfig
-    from hff_cache.fusion import FusionConfig
-    from hff_cache.train import prepare
+    from hff_cache.model.fusion import FusionConfig
+    from hff_cache.training.cached import prepare
 
     frames = int(batch_seconds * 50)  # both encoders give 50 frames per second
     cfg = TrainConfig(cache=str(cache), out=str(cache.parent / "run"), fusion=FusionConfig(kind="hierarchical"),
@@ -288,7 +288,7 @@ def render(rows: list[dict], cmd: str, a: argparse.Namespace) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    from hff_cache.plots import plt, save_figure
+    from hff_cache.runs.plots import plt, save_figure
 
     encs = list(dict.fromkeys(r["encoder"] for r in rows))
     fig, axes = plt.subplots(1, max(len(encs), 1), figsize=(5 * max(len(encs), 1), 3.5), squeeze=False)

@@ -54,11 +54,11 @@ def extract(
     progress: bool = typer.Option(True, help="Show a progress bar"),
 ) -> None:
     """Run a frozen encoder once over DATA and store its hidden states in a Zarr cache (resumable)."""
-    from hff_cache.audio import AudioError
     from hff_cache.cache import CacheFormatError, CacheMismatchError, CacheWriteError
-    from hff_cache.data import IntakeError
-    from hff_cache.distributed import current
-    from hff_cache.extract import extract as run_extract
+    from hff_cache.extraction.extract import extract as run_extract
+    from hff_cache.intake.audio import AudioError
+    from hff_cache.intake.manifests import IntakeError
+    from hff_cache.runtime.distributed import current
 
     job = current()  # torchrun's RANK / WORLD_SIZE pick the shard unless given
     cfg = ExtractConfig(
@@ -143,14 +143,14 @@ _T = TrainConfig  # class attributes hold the defaults; fusion defaults live in 
 
 def _train_errors() -> tuple[type[Exception], ...]:
     from hff_cache.cache import CacheFormatError
-    from hff_cache.tasks import LabelError
-    from hff_cache.train import RunError
+    from hff_cache.runs.directory import RunError
+    from hff_cache.tasks.task import LabelError
 
     return (RunError, LabelError, CacheFormatError, FileNotFoundError, ValueError)
 
 
 def _fusion_config(kind: str, **given: object) -> object:
-    from hff_cache.fusion import FusionConfig
+    from hff_cache.model.fusion import FusionConfig
 
     # options left at None keep FusionConfig's defaults
     return FusionConfig(kind=kind, **{k: v for k, v in given.items() if v is not None})
@@ -219,8 +219,8 @@ def train(
 ) -> None:
     """Train layer fusion + a task head on cached features (or, with --online, on audio with the encoder
     in the loop); writes a run directory. Under torchrun: DistributedDataParallel, each rank on its share."""
-    from hff_cache.online import train_online
-    from hff_cache.train import train as run_train
+    from hff_cache.training.cached import train as run_train
+    from hff_cache.training.online import train_online
 
     if online and (cache or valid_cache):
         _fail("--online trains from audio (--data/--valid-data); --cache/--valid-cache are for cached mode")
@@ -265,7 +265,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON"),
 ) -> None:
     """Greedy-decode CACHE with a run's checkpoint; writes RUN/eval/<cache-name>/hyps.jsonl."""
-    from hff_cache.evaluate import evaluate_run
+    from hff_cache.evaluation.evaluate import evaluate_run
 
     try:
         summary = evaluate_run(run, cache, checkpoint=checkpoint, labels=labels, device=device)
@@ -293,9 +293,9 @@ def transcribe(
                                      "(its weights must hash as recorded)"),
 ) -> None:
     """Print `id<TAB>text` for new audio: the run's encoder (+ adapters), fusion, head, greedy CTC."""
-    from hff_cache.audio import AudioError
-    from hff_cache.data import IntakeError
-    from hff_cache.transcribe import transcribe as run_transcribe
+    from hff_cache.evaluation.transcribe import transcribe as run_transcribe
+    from hff_cache.intake.audio import AudioError
+    from hff_cache.intake.manifests import IntakeError
 
     try:
         rows = run_transcribe(run, audio or [], data=data, checkpoint=checkpoint, device=device,
@@ -325,7 +325,7 @@ def probe(
     force: bool = typer.Option(False, help="Retrain layers already probed in OUT"),
 ) -> None:
     """Train the same small head on each stored hidden state alone; DIR/probe.csv + probe.png."""
-    from hff_cache.probe import probe as run_probe
+    from hff_cache.training.probe import probe as run_probe
 
     try:
         base = TrainConfig(cache=cache, valid_cache=valid_cache, out=out, task=task, labels=labels,
@@ -348,7 +348,7 @@ def summary(
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows"),
 ) -> None:
     """One table of the metrics of several runs (metrics.json) and probes (probe.csv)."""
-    from hff_cache.evaluate import format_table, summarize_runs
+    from hff_cache.evaluation.summary import format_table, summarize_runs
 
     rows = summarize_runs(runs)
     typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows, markdown=markdown))
@@ -366,7 +366,7 @@ def labels_phones(
     keep_stress: bool = typer.Option(False, help="Keep ARPAbet stress digits (AH0)"),
 ) -> None:
     """Phone sequences from TextGrids (silences sil/sp/spn and empty intervals dropped)."""
-    from hff_cache.tasks import LabelError, phone_labels, write_jsonl
+    from hff_cache.tasks.task import LabelError, phone_labels, write_jsonl
 
     try:
         n = write_jsonl(phone_labels(alignments, tier=tier, strip_stress=not keep_stress), out)
@@ -384,8 +384,8 @@ def manifest(
     take: str = typer.Option("all", help="all | holdout | rest (with --holdout)"),
 ) -> None:
     """Write a JSONL manifest of (a selection of) DATA, e.g. some speakers or a per-speaker split."""
-    from hff_cache.data import IntakeError
-    from hff_cache.tasks import LabelError, select_utterances, write_jsonl
+    from hff_cache.intake.manifests import IntakeError
+    from hff_cache.tasks.task import LabelError, select_utterances, write_jsonl
 
     try:
         rows = select_utterances(data, speakers=speakers.split(",") if speakers else None, holdout=holdout,

@@ -7,12 +7,11 @@ that made it (`environment`).
 from __future__ import annotations
 
 import dataclasses
-import platform
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hff_cache.fusion import FusionConfig
+    from hff_cache.model.fusion import FusionConfig
 
 
 @dataclass
@@ -48,24 +47,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def environment() -> dict[str, str]:
-    """Versions that made an artefact, stored beside its config."""
-    import numpy
-    import torch
-    import transformers
-    import zarr
-
-    from hff_cache import __version__
-
-    return {
-        "hff_cache": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "zarr": zarr.__version__,
-        "numpy": numpy.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def parse_layers(spec: str | None) -> list[int] | None:
@@ -84,7 +65,7 @@ def parse_layers(spec: str | None) -> list[int] | None:
 
 
 def _fusion_default() -> FusionConfig:
-    from hff_cache.fusion import FusionConfig  # lazy: keeps `import hff_cache.config` free of torch
+    from hff_cache.model.fusion import FusionConfig  # lazy: keeps `import hff_cache.config` free of torch
 
     return FusionConfig()
 
@@ -154,7 +135,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.fusion, dict):
-            from hff_cache.fusion import FusionConfig
+            from hff_cache.model.fusion import FusionConfig
 
             self.fusion = FusionConfig(**self.fusion)
         if isinstance(self.in_memory, str):

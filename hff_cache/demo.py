@@ -67,7 +67,8 @@ def _key(*parts: Any) -> str:
 def _train_cached(cfg: Any, log: Callable[[str], None]) -> dict[str, Any]:
     """Reuse a finished run with the same config and cache (resume of a complete run trains nothing);
     anything else (another config, another cache) starts over."""
-    from hff_cache.train import RunError, train
+    from hff_cache.runs.directory import RunError
+    from hff_cache.training.cached import train
 
     try:
         return train(dataclasses.replace(cfg, resume=True, force=False), log=log)
@@ -92,10 +93,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> dict[str, An
 
     from hff_cache.cache import CacheReader
     from hff_cache.config import ExtractConfig, TrainConfig
-    from hff_cache.extract import extract
-    from hff_cache.fusion import FusionConfig
-    from hff_cache.probe import probe
-    from hff_cache.synth import SynthConfig, synthesize_corpus
+    from hff_cache.extraction.extract import extract
+    from hff_cache.intake.synth import SynthConfig, synthesize_corpus
+    from hff_cache.model.fusion import FusionConfig
+    from hff_cache.training.probe import probe
 
     cfg = cfg.resolved()
     assert cfg.model is not None and cfg.epochs is not None and cfg.probe_epochs is not None

@@ -21,12 +21,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hff_cache.audio import AudioError, load_audio
 from hff_cache.cache import CacheReader
 from hff_cache.cache.verify import verify_cache
 from hff_cache.config import ExtractConfig
-from hff_cache.data import IntakeError, load_intake
-from hff_cache.extract import extract
+from hff_cache.extraction.extract import extract
+from hff_cache.intake.audio import AudioError, load_audio
+from hff_cache.intake.manifests import IntakeError, load_intake
 from hff_cache.testing import synthetic_waves
 
 RATE = 16_000
@@ -324,7 +324,7 @@ def test_csv_and_bom_manifests(tmp_path: Path) -> None:
 
 def test_hour_file_stops_raise_mode_with_the_fix(tmp_path: Path) -> None:
     """In raise mode extraction stops on the hour-long file, names it and says how to fix it."""
-    from hff_cache.testing import tiny_encoder
+    from hff_cache.encoders.tiny import tiny_encoder
 
     wav = hour_long_wav(tmp_path / "session.wav")
     manifest = tmp_path / "m.jsonl"
@@ -351,7 +351,8 @@ def test_runs_refuse_another_encoder_layer_set_codec_or_tokenizer(tmp_path: Path
     from typer.testing import CliRunner
 
     from hff_cache.cli import app
-    from hff_cache.testing import tiny_cache, tiny_encoder
+    from hff_cache.encoders.tiny import tiny_encoder
+    from hff_cache.testing import tiny_cache
 
     base = tiny_cache(tmp_path / "base", [1.0, 1.2, 0.8, 1.5, 1.1, 0.9], TEXTS)
     manifest = tmp_path / "base" / "audio" / "manifest.jsonl"
@@ -415,7 +416,8 @@ class _NaNOnLength(torch.nn.Module):
 
 
 def test_encoder_nan_is_one_skipped_item(tmp_path: Path) -> None:
-    from hff_cache.testing import tiny_encoder, write_corpus
+    from hff_cache.encoders.tiny import tiny_encoder
+    from hff_cache.testing import write_corpus
 
     manifest = write_corpus(tmp_path / "a", [0.8, 1.7, 1.0, 1.2])
     enc = _NaNOnLength(tiny_encoder("wav2vec2"), frames=(round(1.7 * RATE) - 400) // 320 + 1)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from hff_cache.cli import app
 from hff_cache.demo import FUSIONS
-from hff_cache.synth import NO_ENGINE_MSG, available_engines
+from hff_cache.intake.synth import NO_ENGINE_MSG, available_engines
 
 
 @pytest.fixture(scope="module")

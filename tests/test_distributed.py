@@ -16,14 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hff_cache.batches.from_cache import CacheBatches
 from hff_cache.cache import CacheReader
 from hff_cache.config import TrainConfig
-from hff_cache.distributed import Dist, balanced_assignment, lockstep
-from hff_cache.fusion import FusionConfig
-from hff_cache.loader import CacheBatches
-from hff_cache.tasks import Task
+from hff_cache.model.fusion import FusionConfig
+from hff_cache.runtime.distributed import Dist, balanced_assignment, lockstep
+from hff_cache.tasks.task import Task
 from hff_cache.testing import tiny_cache
-from hff_cache.train import train
+from hff_cache.training.cached import train
 
 DURATIONS = [1.0, 1.6, 0.7, 2.1, 1.3, 0.9, 1.8]
 TEXTS = ["a cab", "bad dog", "go", "a big red dog", "bed cab", "dab", "good egg"]

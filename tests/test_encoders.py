@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from hff_cache.testing import FAMILIES, synthetic_waves, tiny_encoder
+from hff_cache.encoders.tiny import FAMILIES, tiny_encoder
+from hff_cache.testing import synthetic_waves
 
 DURATIONS = [1.0, 0.63, 1.37, 0.4]
 

@@ -9,9 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from hff_cache.cli import app
-from hff_cache.evaluate import accuracy, cache_name, error_rates, evaluate_run, task_metrics
+from hff_cache.evaluation.evaluate import cache_name, evaluate_run
+from hff_cache.evaluation.metrics import accuracy, error_rates, task_metrics
+from hff_cache.runs.directory import RunError
 from hff_cache.testing import tiny_cache
-from hff_cache.train import RunError
 
 TEXTS = ["AB", "BA", "ABBA", "BAB", "A B", "BB A"]
 

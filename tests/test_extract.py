@@ -10,12 +10,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from hff_cache.audio import AudioError, load_audio
 from hff_cache.cache import CacheMismatchError, CacheReader
 from hff_cache.config import ExtractConfig
-from hff_cache.data import load_intake
-from hff_cache.extract import extract, make_batches, shard_utterances
-from hff_cache.testing import tiny_encoder, write_corpus
+from hff_cache.encoders.tiny import tiny_encoder
+from hff_cache.extraction.extract import extract, make_batches, shard_utterances
+from hff_cache.intake.audio import AudioError, load_audio
+from hff_cache.intake.manifests import load_intake
+from hff_cache.testing import write_corpus
 
 DURATIONS = [1.3, 0.45, 2.1, 0.9, 1.7, 0.6, 1.1]
 

@@ -23,8 +23,9 @@ import pytest
 from hff_cache.cache import CacheLockedError, CacheReader, CacheWriteError, CacheWriter
 from hff_cache.cache.verify import verify_cache
 from hff_cache.config import ExtractConfig
-from hff_cache.extract import extract
-from hff_cache.testing import parts_on_disk, tiny_encoder, write_corpus
+from hff_cache.encoders.tiny import tiny_encoder
+from hff_cache.extraction.extract import extract
+from hff_cache.testing import parts_on_disk, write_corpus
 
 MODEL = "tiny-random:wav2vec2"
 DURATIONS = [0.5 + 0.1 * (i % 7) for i in range(40)]  # 40 utterances, ~32 s, ~14 parts of 100 frames

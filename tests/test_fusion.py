@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from hff_cache.fusion import (
+from hff_cache.model.augment import spec_augment
+from hff_cache.model.fusion import (
     FusionConfig,
     FusionNetwork,
     build_model_body,
     count_parameters,
     group_bounds,
     lengths_to_mask,
-    spec_augment,
 )
 
 L, D, W = 5, 12, 16

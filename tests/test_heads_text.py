@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from hff_cache.fusion import FusionConfig, build_model_body
-from hff_cache.heads import ClassifierHead, CTCHead, ctc_greedy_decode, masked_mean
-from hff_cache.text import (
+from hff_cache.model.fusion import FusionConfig, build_model_body
+from hff_cache.model.heads import ClassifierHead, CTCHead, ctc_greedy_decode, masked_mean
+from hff_cache.tasks.tokenizers import (
     CharTokenizer,
     LabelEncoder,
     PhoneTokenizer,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from hff_cache.audio import AudioError, load_audio
-from hff_cache.data import IntakeError, intake_fingerprint, load_intake
+from hff_cache.intake.audio import AudioError, load_audio
+from hff_cache.intake.manifests import IntakeError, intake_fingerprint, load_intake
 from hff_cache.testing import synthetic_waves, write_corpus
 
 LIBRI = Path(__file__).resolve().parents[2] / "shared" / "data" / "librispeech-subset"

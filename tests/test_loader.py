@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from hff_cache.batches.common import collate_targets, plan_batches
+from hff_cache.batches.from_cache import CacheBatches
 from hff_cache.cache import CacheReader
-from hff_cache.loader import CacheBatches, collate_targets, plan_batches
-from hff_cache.tasks import Task
+from hff_cache.tasks.task import Task
 from hff_cache.testing import tiny_cache
 
 DURATIONS = [0.5, 1.6, 0.7, 1.2, 0.9, 2.0, 0.6, 1.4, 1.0, 0.8, 1.8, 0.55]
@@ -132,7 +133,7 @@ def test_collate_targets():
 
 
 def test_windows_are_float16_and_capped_in_bytes(setup, monkeypatch):
-    import hff_cache.loader as loader
+    import hff_cache.batches.from_cache as loader
 
     reader, _, data = setup
     frame_bytes = len(reader.meta.layers) * reader.meta.encoder.hidden_size * 2

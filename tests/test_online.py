@@ -11,13 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hff_cache.adapters import enable_grad_checkpointing, setup_method
+from hff_cache.batches.from_audio import AudioBatches, spread_subset
 from hff_cache.config import TrainConfig
-from hff_cache.data import load_intake
-from hff_cache.fusion import FusionConfig
-from hff_cache.online import AudioBatches, prepare_online, spread_subset, train_online
-from hff_cache.testing import tiny_cache, tiny_encoder, write_corpus
-from hff_cache.train import fit
+from hff_cache.encoders.tiny import tiny_encoder
+from hff_cache.intake.manifests import load_intake
+from hff_cache.model.adapters import enable_grad_checkpointing, setup_method
+from hff_cache.model.fusion import FusionConfig
+from hff_cache.testing import tiny_cache, write_corpus
+from hff_cache.training.loop import fit
+from hff_cache.training.online import prepare_online, train_online
 
 FAMILIES = ("wav2vec2", "whisper")
 METHODS = ("hff-adapters", "adapters", "bitfit", "full", "hff-frozen")
@@ -115,7 +117,7 @@ def test_one_step_changes_exactly_what_the_method_trains(corpus: Path, tmp_path:
 
 
 def test_checkpoint_round_trip_rebuilds_the_trained_model(corpus: Path, tmp_path: Path) -> None:
-    from hff_cache.transcribe import load_for_inference
+    from hff_cache.evaluation.transcribe import load_for_inference
 
     for method in ("bitfit", "hff-adapters"):
         cfg = _cfg(corpus, tmp_path / method, "wav2vec2", method, max_train_utts=2)
@@ -183,8 +185,8 @@ def test_spread_subset_covers_the_range(corpus: Path) -> None:
 
 def test_hff_frozen_online_features_equal_the_cache(tmp_path: Path) -> None:
     from hff_cache.cache import CacheReader
-    from hff_cache.loader import Batch
-    from hff_cache.model import HFFModel, ModelSpec
+    from hff_cache.model.batch import Batch
+    from hff_cache.model.hff import HFFModel, ModelSpec
 
     cache = tiny_cache(tmp_path, durations=[0.7, 1.1, 0.9])
     reader = CacheReader(str(cache))
@@ -234,7 +236,7 @@ def test_online_config_is_resolved_for_last_layer_methods(corpus: Path, tmp_path
 
 def test_hff_frozen_starts_from_the_cached_models_weights(tmp_path: Path) -> None:
     """For one seed, online hff-frozen is the cached model: same spec, same initial fusion and head."""
-    from hff_cache.train import prepare
+    from hff_cache.training.cached import prepare
 
     cache = tiny_cache(tmp_path, durations=[0.7, 1.1], texts=["A B", "BA"])
     fusion = FusionConfig(width=16, blocks=1)

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 from hff_cache.cache import CacheReader
 from hff_cache.cli import app
 from hff_cache.config import TrainConfig
-from hff_cache.fusion import FusionConfig
-from hff_cache.probe import probe
+from hff_cache.model.fusion import FusionConfig
 from hff_cache.testing import tiny_cache
+from hff_cache.training.probe import probe
 
 
 def test_probe_one_row_per_layer_reading_one_layer(tmp_path, monkeypatch):

@@ -15,8 +15,9 @@ import torch
 
 from hff_cache.cache import CacheReader, verify_cache
 from hff_cache.config import ExtractConfig
-from hff_cache.extract import extract
-from hff_cache.testing import tiny_encoder, write_corpus
+from hff_cache.encoders.tiny import tiny_encoder
+from hff_cache.extraction.extract import extract
+from hff_cache.testing import write_corpus
 
 DURATIONS = [1.3, 0.45, 2.1, 0.9, 1.7, 0.6, 1.1, 0.8]
 TEXTS = ["AB", "BA", "ABBA", "BAB", "A B", "BB A", "AAB", "B"]

@@ -9,13 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from hff_cache.synth import (
-    NO_ENGINE_MSG,
-    SynthConfig,
-    available_engines,
-    generate_sentences,
-    synthesize_corpus,
-)
+from hff_cache.intake.synth import NO_ENGINE_MSG, SynthConfig, available_engines, generate_sentences, synthesize_corpus
 
 
 def _rows(manifest: Path) -> list[dict]:

@@ -10,12 +10,14 @@ from safetensors.torch import load_file
 
 from hff_cache.cache import CacheReader
 from hff_cache.config import TrainConfig
-from hff_cache.fusion import FusionConfig
-from hff_cache.loader import Batch
-from hff_cache.model import HFFModel, ModelSpec, SpecAugment
-from hff_cache.tasks import LabelError, LabelWarning
+from hff_cache.model.augment import SpecAugment
+from hff_cache.model.batch import Batch
+from hff_cache.model.fusion import FusionConfig
+from hff_cache.model.hff import HFFModel, ModelSpec
+from hff_cache.runs.directory import RunError, load_run
+from hff_cache.tasks.task import LabelError, LabelWarning
 from hff_cache.testing import tiny_cache
-from hff_cache.train import RunError, load_run, train
+from hff_cache.training.cached import train
 
 DURATIONS = [1.0, 1.2, 0.8, 1.5, 1.1, 0.9]
 TEXTS = ["AB", "BA", "ABBA", "BAB", "A B", "BB A"]
@@ -263,7 +265,7 @@ def test_phone_labels_from_textgrids(tmp_path):
     from typer.testing import CliRunner
 
     from hff_cache.cli import app
-    from hff_cache.tasks import parse_textgrid, phone_labels
+    from hff_cache.tasks.task import parse_textgrid, phone_labels
 
     (tmp_path / "al/19/198").mkdir(parents=True)
     (tmp_path / "al/19/198/19-198-0001.TextGrid").write_text(TEXTGRID)
@@ -280,7 +282,7 @@ def test_phone_labels_from_textgrids(tmp_path):
 
 
 def test_manifest_selection(tmp_path):
-    from hff_cache.tasks import select_utterances
+    from hff_cache.tasks.task import select_utterances
     from hff_cache.testing import write_corpus
 
     manifest = write_corpus(tmp_path, [0.2] * 10, ["A"] * 10)  # speakers spk0/spk1 alternate

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from hff_cache.cli import app
 from hff_cache.config import ExtractConfig, TrainConfig
-from hff_cache.extract import extract
-from hff_cache.fusion import FusionConfig
-from hff_cache.testing import tiny_encoder
+from hff_cache.encoders.tiny import tiny_encoder
+from hff_cache.extraction.extract import extract
+from hff_cache.model.fusion import FusionConfig
 
 TEXTS = ["A B", "BA", "C AB"]
 FREQ = {"A": 330.0, "B": 660.0, "C": 1320.0}
@@ -72,7 +72,7 @@ def _wavs(manifest: Path) -> list[str]:
 
 
 def test_online_run_transcribes_its_training_audio_exactly(online_run: Path, tones: Path) -> None:
-    from hff_cache.transcribe import transcribe
+    from hff_cache.evaluation.transcribe import transcribe
 
     metrics = json.loads((online_run / "metrics.json").read_text())
     assert metrics["wer"] == 0.0 and metrics["trainable_encoder_params"] > 0
@@ -96,8 +96,8 @@ def test_transcribe_refuses_an_encoder_with_other_weights(online_run: Path, tone
 
 
 def test_cached_run_transcribes_with_its_stats_normalisation(tones: Path, tmp_path: Path) -> None:
-    from hff_cache.train import train
-    from hff_cache.transcribe import transcribe
+    from hff_cache.evaluation.transcribe import transcribe
+    from hff_cache.training.cached import train
 
     cache = tmp_path / "cache.zarr"
     extract(ExtractConfig(model="tiny-random:wav2vec2", data=str(tones), out=str(cache), progress=False),
@@ -114,10 +114,10 @@ def test_cached_run_transcribes_with_its_stats_normalisation(tones: Path, tmp_pa
 def test_transcribe_matches_the_trained_model_on_whisper(tones: Path, tmp_path: Path, method: str) -> None:
     """Whisper's encoder through the same path: transcribe (a fresh process's view: encoder reloaded,
     method set up again, checkpoint loaded) decodes exactly as the in-memory trained model does."""
-    from hff_cache.evaluate import evaluate_model
-    from hff_cache.online import prepare_online
-    from hff_cache.train import fit
-    from hff_cache.transcribe import transcribe
+    from hff_cache.evaluation.evaluate import evaluate_model
+    from hff_cache.evaluation.transcribe import transcribe
+    from hff_cache.training.loop import fit
+    from hff_cache.training.online import prepare_online
 
     cfg = TrainConfig(online=True, model="tiny-random:whisper", data=str(tones), valid_data=str(tones),
                       method=method, bottleneck=8, out=str(tmp_path / "run"), epochs=3, **HEAD)

@@ -29,7 +29,7 @@ def load_encoder(name: str, device: str | torch.device = "cpu") -> SpeechEncoder
 
 def _load(name: str) -> SpeechEncoder:
     if name.startswith("tiny-random:"):
-        from hff_cache.testing import tiny_encoder
+        from hff_cache.encoders.tiny import tiny_encoder
 
         return tiny_encoder(name.split(":", 1)[1])
     if name.startswith("faster-whisper:"):

@@ -3,44 +3,23 @@
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jiwer
 import torch
 
-__all__ = ["EvalResult", "accuracy", "cache_name", "error_rates", "evaluate_model", "evaluate_run", "format_table",
-           "summarize_runs", "task_metrics"]
+from hff_cache.evaluation.metrics import task_metrics
+
+__all__ = ["EvalResult", "cache_name", "evaluate_model", "evaluate_run", "task_metrics"]
 
 
-def error_rates(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
-    """Corpus WER and CER in percent (jiwer: edit operations summed over all utterances)."""
-    if len(refs) != len(hyps):
-        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    if not refs:
-        return {"wer": math.nan, "cer": math.nan}
-    refs, hyps = list(refs), list(hyps)
-    return {"wer": 100.0 * jiwer.wer(refs, hyps), "cer": 100.0 * jiwer.cer(refs, hyps)}
 
 
-def accuracy(refs: Sequence[Any], hyps: Sequence[Any]) -> float:
-    """Percent of exact matches."""
-    if not refs:
-        return math.nan
-    return 100.0 * sum(r == h for r, h in zip(refs, hyps, strict=True)) / len(refs)
 
 
-def task_metrics(task_name: str, refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
-    """asr: wer + cer; phones: per (WER over phone tokens); classify: accuracy."""
-    if task_name == "asr":
-        return error_rates(refs, hyps)
-    if task_name == "phones":
-        return {"per": error_rates(refs, hyps)["wer"]}
-    return {"accuracy": accuracy(refs, hyps)}
 
 
 @dataclass
@@ -100,11 +79,11 @@ def evaluate_run(run: str | Path, cache: str, checkpoint: str = "best", labels: 
     The cache must come from the same encoder/layers/codec as the run's training cache, and the
     checkpoint's tokenizer must be the run's (both refused otherwise).
     """
+    from hff_cache.batches.from_cache import CacheBatches
     from hff_cache.cache import CacheReader
-    from hff_cache.distributed import resolve_device
-    from hff_cache.loader import CacheBatches
-    from hff_cache.tasks import load_labels
-    from hff_cache.train import RunError, check_cache, load_run
+    from hff_cache.runs.directory import RunError, check_cache, load_run
+    from hff_cache.runtime.distributed import resolve_device
+    from hff_cache.tasks.task import load_labels
 
     run = Path(run)
     cfg, task, model, doc = load_run(run, checkpoint)
@@ -133,45 +112,5 @@ def evaluate_run(run: str | Path, cache: str, checkpoint: str = "best", labels: 
     return summary
 
 
-def summarize_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """One row per run directory (or probe folder) from its metrics.json / probe.csv, for tables."""
-    import csv
-
-    rows: list[dict[str, Any]] = []
-    for run in map(Path, runs):
-        if (run / "probe.csv").exists():
-            with (run / "probe.csv").open() as f:
-                for r in csv.DictReader(f):
-                    rows.append({"run": f"{run.name}/layer_{int(r['layer']):02d}", "task": "probe",
-                                 "fusion": f"single:{r['layer']}",
-                                 **{k: float(v) for k, v in r.items() if k != "layer" and v != ""}})
-            continue
-        path = run / "metrics.json"
-        if not path.exists():
-            rows.append({"run": run.name, "task": "missing"})
-            continue
-        m = json.loads(path.read_text())
-        rows.append({"run": run.name, "task": m.get("task"), "fusion": m.get("fusion"),
-                     **{k: m[k] for k in ("wer", "cer", "per", "accuracy", "best_epoch", "trainable_params",
-                                          "epoch_seconds", "step_time_ms") if m.get(k) is not None}})
-    return rows
 
 
-def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    cols = ["run", "task", "fusion", "wer", "cer", "per", "accuracy", "best_epoch", "trainable_params",
-            "epoch_seconds"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.0f}" if v >= 1000 else f"{v:.2f}"
-        return "" if v is None else str(v)
-
-    table = [cols] + [[cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    if markdown:
-        lines = ["| " + " | ".join(row[i].ljust(widths[i]) for i in range(len(cols))) + " |" for row in table]
-        lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-        return "\n".join(lines)
-    return "\n".join("  ".join(row[i].rjust(widths[i]) if i else row[i].ljust(widths[i])
-                               for i in range(len(cols))) for row in table)

@@ -16,97 +16,31 @@ timing, so a resumed run sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
+from hff_cache.batches.common import collate_targets, memory_available, plan_batches
 from hff_cache.cache.format import CHUNK_FRAMES
-from hff_cache.distributed import balanced_assignment
+from hff_cache.model.batch import Batch
+from hff_cache.runtime.distributed import balanced_assignment
 
-__all__ = ["Batch", "BatchSource", "CacheBatches", "collate_targets", "plan_batches", "memory_available"]
-
-
-@dataclass
-class Batch:
-    """One training/eval batch. Cached mode fills ``feats``; online mode fills ``waves`` instead."""
-
-    ids: list[str]
-    lengths: torch.Tensor  # (B,) valid feature frames
-    targets: torch.Tensor  # CTC: (B, S) padded symbol ids; classification: (B,) class ids
-    target_lengths: torch.Tensor | None = None  # CTC: (B,)
-    feats: torch.Tensor | None = None  # (B, T, L, D), zero-padded
-    waves: list[np.ndarray] | None = field(default=None, repr=False)  # online mode: raw audio
-    inputs: Any = field(default=None, repr=False)  # online mode: EncoderBatch (encoder.prepare, on CPU)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.lengths.sum())
-
-    def to(self, device: torch.device | str) -> Batch:
-        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
-
-        return replace(self, lengths=mv(self.lengths), targets=mv(self.targets),
-                       target_lengths=mv(self.target_lengths), feats=mv(self.feats),
-                       inputs=None if self.inputs is None else self.inputs.to(device))
+__all__ = ["Batch", "CacheBatches", "collate_targets", "plan_batches", "memory_available"]
 
 
-class BatchSource(Protocol):
-    """What the training loop consumes: a deterministic sequence of batches per epoch."""
-
-    def epoch(self, epoch: int) -> Iterator[Batch]: ...
-
-    def __len__(self) -> int: ...
 
 
-def plan_batches(positions: Sequence[int], lengths: np.ndarray, batch_frames: int,
-                 max_utts: int) -> list[list[int]]:
-    """Sort ``positions`` by length (ties by position) and cut greedily so that padded frames
-    (longest x count) stay <= ``batch_frames``; an utterance longer than the budget gets its own batch."""
-    order = sorted(positions, key=lambda p: (int(lengths[p]), p))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for p in order:
-        n = int(lengths[p])  # sorted ascending, so n is the longest so far
-        if cur and (n * (len(cur) + 1) > batch_frames or len(cur) >= max_utts):
-            batches.append(cur)
-            cur = []
-        cur.append(p)
-    if cur:
-        batches.append(cur)
-    return batches
 
 
-def collate_targets(targets: Sequence[Any], ctc: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if not ctc:
-        return torch.tensor([int(t) for t in targets], dtype=torch.long), None
-    tl = torch.tensor([len(t) for t in targets], dtype=torch.long)
-    out = torch.zeros(len(targets), max(1, int(tl.max()) if len(targets) else 1), dtype=torch.long)
-    for i, t in enumerate(targets):
-        out[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
-    return out, tl
 
 
-def memory_available() -> int:
-    """Bytes of RAM available now (MemAvailable on Linux; total physical memory elsewhere)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 
 
 _DONE = object()

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from hff_cache.data import Utterance, load_intake
+from hff_cache.intake.manifests import Utterance, load_intake
 
 __all__ = ["LoadedRun", "audio_utterances", "load_for_inference", "transcribe"]
 
@@ -41,7 +41,7 @@ def _encoder_identity(doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     try:
         info = doc["caches"]["train"]["meta"]["encoder"]
     except KeyError:
-        from hff_cache.train import RunError
+        from hff_cache.runs.directory import RunError
 
         raise RunError("the run's config.json names no encoder (no cache metadata)") from None
     return info["name"], info
@@ -54,12 +54,12 @@ def load_for_inference(run: str | Path, checkpoint: str = "best", device: str | 
     ``encoder_name`` overrides the recorded name (e.g. a local copy of the same model); the weights must
     still hash to what the run recorded.
     """
-    from hff_cache.adapters import setup_method
     from hff_cache.encoders import load_encoder
-    from hff_cache.model import HFFModel, ModelSpec
-    from hff_cache.tasks import Task
-    from hff_cache.text import tokenizer_from_dict
-    from hff_cache.train import CONFIG, RunError, load_weights
+    from hff_cache.model.adapters import setup_method
+    from hff_cache.model.hff import HFFModel, ModelSpec
+    from hff_cache.runs.directory import CONFIG, RunError, load_weights
+    from hff_cache.tasks.task import Task
+    from hff_cache.tasks.tokenizers import tokenizer_from_dict
 
     run = Path(run)
     if not (run / CONFIG).exists():
@@ -85,7 +85,7 @@ def load_for_inference(run: str | Path, checkpoint: str = "best", device: str | 
 
 def audio_utterances(paths: Sequence[str | Path]) -> list[Utterance]:
     """One utterance per audio file; id = file stem (the path where two stems collide)."""
-    from hff_cache.audio import audio_duration
+    from hff_cache.intake.audio import audio_duration
 
     stems = [Path(p).stem for p in paths]
     dup = {s for s in stems if stems.count(s) > 1}
@@ -101,8 +101,8 @@ def transcribe(run: str | Path, audio: Sequence[str | Path] = (), data: str | No
 
     For a classification run the "text" is the predicted class label.
     """
-    from hff_cache.distributed import resolve_device
-    from hff_cache.online import AudioBatches
+    from hff_cache.batches.from_audio import AudioBatches
+    from hff_cache.runtime.distributed import resolve_device
 
     utts = audio_utterances(list(audio)) + (load_intake(data) if data else [])
     if not utts:

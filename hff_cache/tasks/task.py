@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hff_cache.text import CharTokenizer, LabelEncoder, PhoneTokenizer, normalize_text
+from hff_cache.tasks.tokenizers import CharTokenizer, LabelEncoder, PhoneTokenizer, normalize_text
 
 __all__ = [
     "LabelError",
@@ -146,7 +146,7 @@ def select_utterances(data: str | Path, speakers: Sequence[str] | None = None, h
     order) as held out and ``take`` picks ``all``, ``holdout`` or ``rest`` -- a split by utterance in
     which every speaker appears on both sides (what speaker identification needs).
     """
-    from hff_cache.data import load_intake
+    from hff_cache.intake.manifests import load_intake
 
     if take not in ("all", "holdout", "rest"):
         raise ValueError(f"take must be all, holdout or rest, not {take!r}")

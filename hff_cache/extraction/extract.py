@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hff_cache.audio import AudioError, load_audio
 from hff_cache.cache import (
     CacheMeta,
     CacheReader,
@@ -29,9 +28,10 @@ from hff_cache.cache import (
     record_shard_complete,
 )
 from hff_cache.config import ExtractConfig
-from hff_cache.data import Utterance, intake_fingerprint, load_intake
-from hff_cache.distributed import balanced_assignment, current, resolve_device
 from hff_cache.encoders import SpeechEncoder, load_encoder
+from hff_cache.intake.audio import AudioError, load_audio
+from hff_cache.intake.manifests import Utterance, intake_fingerprint, load_intake
+from hff_cache.runtime.distributed import balanced_assignment, current, resolve_device
 
 
 @dataclass

@@ -20,23 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from hff_cache.fusion import FusionConfig, build_model_body, count_parameters, spec_augment
-from hff_cache.heads import ClassifierHead, CTCHead
-from hff_cache.loader import Batch
+from hff_cache.model.augment import SpecAugment, spec_augment
+from hff_cache.model.batch import Batch
+from hff_cache.model.fusion import FusionConfig, build_model_body, count_parameters
+from hff_cache.model.heads import ClassifierHead, CTCHead
 
 __all__ = ["HFFModel", "ModelSpec", "SpecAugment"]
 
 
-@dataclass
-class SpecAugment:
-    time_masks: int = 0
-    time_width: int = 0
-    feat_masks: int = 0
-    feat_width: int = 0
-
-    @property
-    def active(self) -> bool:
-        return (self.time_masks > 0 and self.time_width > 0) or (self.feat_masks > 0 and self.feat_width > 0)
 
 
 @dataclass
@@ -167,7 +158,7 @@ class HFFModel(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters split as the papers count them: encoder (adapters included) vs fusion+head."""
-        from hff_cache.adapters import encoder_parameter_counts
+        from hff_cache.model.adapters import encoder_parameter_counts
 
         enc = encoder_parameter_counts(self.encoder)
         total = count_parameters(self)

@@ -35,21 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "FusionConfig",
-    "FusionNetwork",
-    "ResidualConvBlock",
-    "Downstream",
-    "SelectFusion",
-    "WeightedFusion",
-    "HierarchicalFusion",
-    "build_model_body",
-    "build_fusion",
-    "group_bounds",
-    "lengths_to_mask",
-    "spec_augment",
-    "count_parameters",
-]
+__all__ = ["Downstream", "FusionConfig", "FusionNetwork", "HierarchicalFusion", "ResidualConvBlock", "SelectFusion",
+           "WeightedFusion", "build_fusion", "build_model_body", "count_parameters", "group_bounds", "lengths_to_mask"]
 
 
 @dataclass
@@ -268,44 +255,6 @@ def build_model_body(cfg: FusionConfig, num_layers: int, hidden_size: int) -> Fu
     return FusionNetwork(cfg, num_layers, hidden_size)
 
 
-def spec_augment(
-    feats: torch.Tensor,
-    lengths: torch.Tensor | None,
-    time_masks: int,
-    time_width: int,
-    feat_masks: int,
-    feat_width: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """SpecAugment-style zero masking on (B, T, L, D); returns a new tensor.
-
-    Time masks (width uniform in [0, time_width], inside the valid frames) and feature masks (width
-    uniform in [0, feat_width] over D) are drawn per utterance and shared by all L layers, so the fusion
-    cannot recover a masked span from another layer. Randomness comes from ``generator`` (a CPU
-    generator) for reproducibility.
-    """
-    b, t, _, d = feats.shape
-    if lengths is None:
-        lengths = torch.full((b,), t, dtype=torch.long)
-    lens = lengths.detach().cpu().tolist()
-
-    def _randint(high: int) -> int:  # uniform in [0, high]
-        return int(torch.randint(0, max(high, 0) + 1, (1,), generator=generator))
-
-    keep_t = torch.ones(b, t, dtype=torch.bool)
-    keep_f = torch.ones(b, d, dtype=torch.bool)
-    for i, n in enumerate(lens):
-        n = min(int(n), t)
-        for _ in range(time_masks):
-            w = _randint(min(time_width, n))
-            s = _randint(n - w)
-            keep_t[i, s : s + w] = False
-        for _ in range(feat_masks):
-            w = _randint(min(feat_width, d))
-            s = _randint(d - w)
-            keep_f[i, s : s + w] = False
-    keep = (keep_t[:, :, None, None] & keep_f[:, None, None, :]).to(feats.device)
-    return feats.masked_fill(~keep, 0.0)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hff_cache.audio import audio_duration
+from hff_cache.intake.audio import audio_duration
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".sph")
 _KNOWN_FIELDS = {"id", "audio", "path", "text", "duration"}

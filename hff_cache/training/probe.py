@@ -31,8 +31,8 @@ def probe(base: TrainConfig, out: str | Path, layers: Sequence[int] | None = Non
     """Train ``base`` (its fusion becomes ``last`` over one layer) once per hidden state in ``layers``
     (default: every stored one). A layer whose run already finished is reused unless ``base.force``."""
     from hff_cache.cache import CacheReader
-    from hff_cache.plots import plot_probe
-    from hff_cache.train import train
+    from hff_cache.runs.plots import plot_probe
+    from hff_cache.training.cached import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
