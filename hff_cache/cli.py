@@ -19,6 +19,13 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _key_value(text: str, option: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"{option} takes KEY=VALUE, not {text!r}")
+    return key.strip(), value
+
+
 def _storage_options(values: list[str]) -> dict:
     opts: dict = {}
     for kv in values:
@@ -377,22 +384,33 @@ def labels_phones(
 
 @app.command()
 def manifest(
-    data: str = typer.Argument(..., help="LibriSpeech folder, audio folder, manifest or saved dataset"),
+    data: list[str] = typer.Argument(..., help="One or more LibriSpeech folders, audio folders, manifests or "
+                                     "saved datasets (ids must be unique across them)"),
     out: str = typer.Option(..., "--out", "-o", help="Output JSONL manifest"),
     speakers: str | None = typer.Option(None, help="Comma-separated speakers to keep"),
     holdout: int = typer.Option(0, help="Mark every N-th utterance of each speaker as held out"),
-    take: str = typer.Option("all", help="all | holdout | rest (with --holdout)"),
+    holdout_speakers: int = typer.Option(0, help="Hold out K whole speakers (speaker-disjoint split)"),
+    balance: str | None = typer.Option(None, help="With --holdout-speakers: comma-separated fields to balance "
+                                       "the held-out speakers over, e.g. gender,age_group"),
+    seed: int = typer.Option(0, help="With --holdout-speakers: which speakers are drawn"),
+    take: str = typer.Option("all", help="all | holdout | rest (with --holdout or --holdout-speakers)"),
+    tag: list[str] = typer.Option([], help="FIELD=VALUE added to every row (repeatable), e.g. corpus=librispeech: "
+                                  "`evaluate --group-by FIELD` then reports each value apart"),
 ) -> None:
-    """Write a JSONL manifest of (a selection of) DATA, e.g. some speakers or a per-speaker split."""
+    """Write a JSONL manifest of (a selection of) DATA: some speakers, a per-speaker utterance split, or a
+    balanced set of held-out speakers."""
     from hff_cache.intake.manifests import IntakeError
-    from hff_cache.tasks.task import LabelError, select_utterances, write_jsonl
+    from hff_cache.intake.selection import select_utterances
+    from hff_cache.tasks.task import write_jsonl
 
     try:
         rows = select_utterances(data, speakers=speakers.split(",") if speakers else None, holdout=holdout,
-                                 take=take)
-    except (IntakeError, LabelError, ValueError) as exc:
+                                 take=take, holdout_speakers=holdout_speakers,
+                                 balance=balance.split(",") if balance else (), seed=seed)
+        tags = dict(_key_value(t, "--tag") for t in tag)
+    except (IntakeError, ValueError) as exc:
         _fail(str(exc))
-    n = write_jsonl(rows, out)
+    n = write_jsonl(({**row, **tags} for row in rows), out)
     typer.echo(f"{out}: {n} utterances, {sum(r['duration'] for r in rows) / 60:.1f} min")
 
 

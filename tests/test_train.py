@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from hff_cache.cache import CacheReader
 from hff_cache.config import TrainConfig
+from hff_cache.intake.manifests import IntakeError
 from hff_cache.model.augment import SpecAugment
 from hff_cache.model.batch import Batch
 from hff_cache.model.fusion import FusionConfig
@@ -282,7 +283,7 @@ def test_phone_labels_from_textgrids(tmp_path):
 
 
 def test_manifest_selection(tmp_path):
-    from hff_cache.tasks.task import select_utterances
+    from hff_cache.intake.selection import select_utterances
     from hff_cache.testing import write_corpus
 
     manifest = write_corpus(tmp_path, [0.2] * 10, ["A"] * 10)  # speakers spk0/spk1 alternate
@@ -293,5 +294,5 @@ def test_manifest_selection(tmp_path):
     assert sorted(r["id"] for r in held + rest) == [f"utt{i:03d}" for i in range(10)]
     assert not {r["id"] for r in held} & {r["id"] for r in rest}
     assert Path(rest[0]["audio"]).is_absolute()
-    with pytest.raises(LabelError, match="spk9"):
+    with pytest.raises(IntakeError, match="spk9"):
         select_utterances(manifest, speakers=["spk9"])

@@ -33,7 +33,6 @@ __all__ = [
     "load_labels",
     "parse_textgrid",
     "phone_labels",
-    "select_utterances",
     "write_jsonl",
 ]
 
@@ -138,38 +137,6 @@ def phone_labels(alignments: str | Path, tier: str = "phones", strip_stress: boo
     return rows
 
 
-def select_utterances(data: str | Path, speakers: Sequence[str] | None = None, holdout: int = 0,
-                      take: str = "all") -> list[dict[str, Any]]:
-    """Manifest rows (id, audio, text, duration, metas) from any intake source, filtered.
-
-    ``speakers`` keeps those speakers; ``holdout=N`` marks every N-th utterance of each speaker (in id
-    order) as held out and ``take`` picks ``all``, ``holdout`` or ``rest`` -- a split by utterance in
-    which every speaker appears on both sides (what speaker identification needs).
-    """
-    from hff_cache.intake.manifests import load_intake
-
-    if take not in ("all", "holdout", "rest"):
-        raise ValueError(f"take must be all, holdout or rest, not {take!r}")
-    if take != "all" and holdout < 2:
-        raise ValueError("take=holdout/rest needs holdout >= 2")
-    utts = sorted(load_intake(data), key=lambda u: u.id)
-    if speakers:
-        wanted = {str(s) for s in speakers}
-        utts = [u for u in utts if str(u.meta.get("speaker", "")) in wanted]
-        found = {str(u.meta.get("speaker", "")) for u in utts}
-        if wanted - found:
-            raise LabelError(f"{data}: no utterances of speaker(s) {sorted(wanted - found)}")
-    seen: dict[str, int] = {}
-    rows = []
-    for u in utts:
-        spk = str(u.meta.get("speaker", ""))
-        k = seen.get(spk, 0)
-        seen[spk] = k + 1
-        held = holdout >= 2 and k % holdout == holdout - 1
-        if take == "all" or (take == "holdout") == held:
-            rows.append({"id": u.id, "audio": str(Path(u.audio).resolve()), "text": u.text,
-                         "duration": round(u.duration, 4), **u.meta})
-    return rows
 
 
 # --- tasks -----------------------------------------------------------------------------------------------
