@@ -2,14 +2,9 @@ import pytest
 import torch
 
 from hff_cache.model.augment import spec_augment
-from hff_cache.model.fusion import (
-    FusionConfig,
-    FusionNetwork,
-    build_model_body,
-    count_parameters,
-    group_bounds,
-    lengths_to_mask,
-)
+from hff_cache.model.fusion import FusionConfig, FusionNetwork, build_model_body, count_parameters
+from hff_cache.model.fusions.hierarchical import group_bounds
+from hff_cache.runtime.tensors import length_mask as lengths_to_mask
 
 L, D, W = 5, 12, 16
 KINDS = ["last", "single:1", "single:-2", "weighted", "hierarchical"]

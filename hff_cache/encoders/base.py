@@ -105,8 +105,3 @@ def pad_stack(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]
     for i, a in enumerate(arrays):
         out[i, : len(a)] = torch.from_numpy(np.asarray(a, dtype=np.float32))
     return out, lengths
-
-
-def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(B, T) bool mask, True on real frames."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]

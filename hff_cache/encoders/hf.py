@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from hff_cache.cache.format import EncoderInfo
-from hff_cache.encoders.base import EncoderBatch, SpeechEncoder, length_mask, pad_stack, weights_fingerprint
+from hff_cache.encoders.base import EncoderBatch, SpeechEncoder, pad_stack, weights_fingerprint
+from hff_cache.runtime.tensors import length_mask
 
 
 class _StopForward(Exception):

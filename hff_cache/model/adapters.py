@@ -82,7 +82,6 @@ class MethodSetup:
 
     method: str
     fusion_kind: str | None  # None: keep the configured fusion (hierarchical methods); else "last"
-    layers: list[int]  # hidden-state indices the model reads
     encoder_trainable: bool  # False: run the encoder under no_grad (hff-frozen)
 
 
@@ -106,10 +105,8 @@ def setup_method(encoder: SpeechEncoder, method: str, bottleneck: int = 64) -> M
                 continue
             if method == "full" or _is_bias(name):
                 p.requires_grad_(True)
-    last = encoder.num_hidden_states - 1
     hierarchical = method in HIERARCHICAL_METHODS
     return MethodSetup(method=method, fusion_kind=None if hierarchical else "last",
-                       layers=list(range(last + 1)) if hierarchical else [last],
                        encoder_trainable=method != "hff-frozen")
 
 

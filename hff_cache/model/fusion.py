@@ -29,14 +29,31 @@ naive 4-group ladder 63). Three defaults address it, each switchable for ablatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Downstream", "FusionConfig", "FusionNetwork", "HierarchicalFusion", "ResidualConvBlock", "SelectFusion",
-           "WeightedFusion", "build_fusion", "build_model_body", "count_parameters", "group_bounds", "lengths_to_mask"]
+from hff_cache.model.blocks import Downstream
+from hff_cache.model.fusions.hierarchical import HierarchicalFusion
+from hff_cache.model.fusions.select import SelectFusion
+from hff_cache.model.fusions.weighted import WeightedFusion
+from hff_cache.runtime.tensors import length_mask
+
+__all__ = ["FUSIONS", "FusionConfig", "FusionNetwork", "build_fusion", "build_model_body", "count_parameters",
+           "layers_to_read", "parse_kind"]
+
+# The registry: kind name -> module class, built as cls(num_layers, hidden_size, cfg[, index]). A new fusion is
+# one file in model/fusions/ plus one line here (docs/contributing.md).
+FUSIONS: dict[str, type[nn.Module]] = {
+    "last": SelectFusion,
+    "single": SelectFusion,  # single:K
+    "weighted": WeightedFusion,
+    "hierarchical": HierarchicalFusion,
+}
+_ALIASES = {"hff": "hierarchical"}
+ONE_LAYER = ("last", "single")  # kinds that read one hidden state: the loader fetches only that one
 
 
 @dataclass
@@ -52,178 +69,71 @@ class FusionConfig:
     rung_gate_init: float | None = 0.1  # gate on the lower ladder at the top rung; None = no gate
 
 
-def lengths_to_mask(lengths: torch.Tensor | None, max_len: int, batch: int | None = None) -> torch.Tensor:
-    """(B, T) bool mask, True on valid frames. ``lengths=None`` means every frame is valid."""
-    if lengths is None:
-        if batch is None:
-            raise ValueError("batch is required when lengths is None")
-        return torch.ones(batch, max_len, dtype=torch.bool)
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def group_bounds(num_layers: int, groups: int) -> list[tuple[int, int]]:
-    """Balanced contiguous [start, end) groups; G = min(groups, L), earlier groups take the remainder.
-
-    Putting the remainder low keeps the top group small: L=7, G=4 -> [0,2) [2,4) [4,6) [6,7), i.e. the
-    top group is exactly the last layer.
-    """
-    if num_layers < 1 or groups < 1:
-        raise ValueError(f"need num_layers >= 1 and groups >= 1, got {num_layers}, {groups}")
-    g = min(groups, num_layers)
-    base, extra = divmod(num_layers, g)
-    bounds, start = [], 0
-    for i in range(g):
-        end = start + base + (1 if i < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
 
 
-def _per_layer_norm(x: torch.Tensor, enabled: bool) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:]) if enabled else x
 
 
-def _init_logits(n: int, top_init: float) -> torch.Tensor:
-    logits = torch.zeros(n)
-    logits[-1] = top_init
-    return logits
 
 
-class ResidualConvBlock(nn.Module):
-    """x + Dropout(Linear(GELU(DWConv(LN(x))))): cheap temporal context at width d.
-
-    Padded frames are zeroed before the conv so they never leak into valid frames (every other op is
-    per-frame); masking uses ``masked_fill`` so even NaN/inf padding cannot propagate.
-    """
-
-    def __init__(self, width: int, kernel: int = 5, dropout: float = 0.1) -> None:
-        super().__init__()
-        if kernel % 2 != 1:
-            raise ValueError(f"kernel must be odd to keep frames aligned, got {kernel}")
-        self.norm = nn.LayerNorm(width)
-        self.conv = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
-        self.proj = nn.Linear(width, width)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        y = self.norm(x).masked_fill(~mask[..., None], 0.0)
-        y = self.conv(y.transpose(1, 2)).transpose(1, 2)
-        y = self.drop(self.proj(F.gelu(y)))
-        return (x + y).masked_fill(~mask[..., None], 0.0)
 
 
-class Downstream(nn.Module):
-    """``blocks`` residual blocks + final LayerNorm; shared by all fusion kinds."""
-
-    def __init__(self, width: int, blocks: int, kernel: int, dropout: float) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(ResidualConvBlock(width, kernel, dropout) for _ in range(blocks))
-        self.norm = nn.LayerNorm(width)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.norm(x).masked_fill(~mask[..., None], 0.0)
 
 
-class SelectFusion(nn.Module):
-    """One layer (``last`` or ``single:K``), normalised and projected D->d."""
-
-    def __init__(self, num_layers: int, hidden_size: int, cfg: FusionConfig, index: int = -1) -> None:
-        super().__init__()
-        if not -num_layers <= index < num_layers:
-            raise ValueError(f"layer index {index} out of range for {num_layers} layers")
-        self.num_layers = num_layers
-        self.index = index % num_layers
-        self.layer_norm = cfg.layer_norm
-        self.proj = nn.Linear(hidden_size, cfg.width)
-
-    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = _per_layer_norm(feats[:, :, self.index].to(self.proj.weight.dtype), self.layer_norm)
-        return self.proj(x)
-
-    def layer_weights(self) -> dict:
-        w = torch.zeros(self.num_layers)
-        w[self.index] = 1.0
-        return {"layer": w, "groups": [(0, self.num_layers)], "group_gate": None}
 
 
-class WeightedFusion(nn.Module):
-    """SUPERB featurizer: softmax(logits) over normalised layers, then D->d."""
-
-    def __init__(self, num_layers: int, hidden_size: int, cfg: FusionConfig) -> None:
-        super().__init__()
-        self.layer_norm = cfg.layer_norm
-        self.logits = nn.Parameter(_init_logits(num_layers, cfg.top_init))
-        self.proj = nn.Linear(hidden_size, cfg.width)
-
-    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = _per_layer_norm(feats.to(self.proj.weight.dtype), self.layer_norm)
-        u = torch.einsum("btld,l->btd", x, self.logits.softmax(0))
-        return self.proj(u)
-
-    def layer_weights(self) -> dict:
-        w = self.logits.detach().softmax(0).cpu()
-        return {"layer": w, "groups": [(0, w.numel())], "group_gate": None}
 
 
-class HierarchicalFusion(nn.Module):
-    """HFF ladder over G contiguous groups.
 
-    u_g = softmax-weighted sum inside group g; z_1 = B_1(P_1 u_1);
-    z_g = B_g(z_{g-1} + P_g u_g) for g < G;  z_G = B_G(gate * z_{G-1} + P_G u_G).
-    Since B_G is residual, P_G u_G (the top group) lies on an ungated identity path to the output, and
-    the gate (per channel, init ``rung_gate_init``) decides how much of the lower ladder is mixed in.
-    One logit vector of length L holds all groups' logits; a singleton group's logit is inert.
-    """
 
-    def __init__(self, num_layers: int, hidden_size: int, cfg: FusionConfig) -> None:
-        super().__init__()
-        self.layer_norm = cfg.layer_norm
-        self.bounds = group_bounds(num_layers, cfg.groups)
-        self.logits = nn.Parameter(torch.cat([_init_logits(e - s, cfg.top_init) for s, e in self.bounds]))
-        self.projs = nn.ModuleList(nn.Linear(hidden_size, cfg.width) for _ in self.bounds)
-        self.rungs = nn.ModuleList(ResidualConvBlock(cfg.width, cfg.kernel, cfg.dropout) for _ in self.bounds)
-        use_gate = cfg.rung_gate_init is not None and len(self.bounds) > 1
-        self.gate = nn.Parameter(torch.full((cfg.width,), float(cfg.rung_gate_init))) if use_gate else None
 
-    def _group_weights(self, logits: torch.Tensor) -> list[torch.Tensor]:
-        return [logits[s:e].softmax(0) for s, e in self.bounds]
 
-    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = _per_layer_norm(feats.to(self.projs[0].weight.dtype), self.layer_norm)
-        weights = self._group_weights(self.logits)
-        last = len(self.bounds) - 1
-        z = None
-        parts = zip(self.bounds, weights, self.projs, self.rungs, strict=True)
-        for g, ((s, e), w, proj, rung) in enumerate(parts):
-            h = proj(torch.einsum("btld,l->btd", x[:, :, s:e], w))
-            if z is not None:
-                h = h + (self.gate * z if g == last and self.gate is not None else z)
-            z = rung(h, mask)
-        return z
+def fusion_choices() -> str:
+    return ", ".join(k if k != "single" else "single:K" for k in FUSIONS)
 
-    def layer_weights(self) -> dict:
-        w = torch.cat(self._group_weights(self.logits.detach())).cpu()
-        gate = None if self.gate is None else float(self.gate.detach().abs().mean())
-        return {"layer": w, "groups": list(self.bounds), "group_gate": gate}
+
+def parse_kind(kind: str) -> tuple[str, int | None]:
+    """``'single:3'`` -> ``('single', 3)``, ``'weighted'`` -> ``('weighted', None)``; unknown kinds are refused
+    with the registry's names."""
+    name, sep, arg = str(kind).strip().lower().partition(":")
+    name = _ALIASES.get(name, name)
+    if name not in FUSIONS:
+        raise ValueError(f"unknown fusion kind {kind!r}; choose one of {fusion_choices()}")
+    if name == "single":
+        try:
+            return name, int(arg)
+        except ValueError:
+            raise ValueError(f"bad fusion kind {kind!r}; expected single:K with integer K") from None
+    if sep:
+        raise ValueError(f"fusion kind {name!r} takes no ':' argument (got {kind!r})")
+    return name, None
+
+
+def layers_to_read(cfg: FusionConfig, available: Sequence[int]) -> tuple[list[int], FusionConfig]:
+    """The one decision of which hidden states a model reads: (hidden-state indices, the fusion config the
+    model is built with).
+
+    A one-layer fusion (``last``, ``single:K`` with K indexing ``available``, negative allowed) reads only
+    that hidden state, so its batches are 1/L the size, and is built as ``last`` over it: the same model,
+    far less I/O. Every other fusion reads all of ``available``."""
+    name, index = parse_kind(cfg.kind)
+    available = list(available)
+    if not available:
+        raise ValueError("no hidden states to read")
+    if name not in ONE_LAYER:
+        return available, cfg
+    k = -1 if name == "last" else int(index)  # type: ignore[arg-type]
+    if not -len(available) <= k < len(available):
+        raise ValueError(f"fusion {cfg.kind!r}: no such layer among the {len(available)} available ({available})")
+    return [available[k]], replace(cfg, kind="last")
 
 
 def build_fusion(cfg: FusionConfig, num_layers: int, hidden_size: int) -> nn.Module:
-    kind = cfg.kind.strip().lower()
-    if kind == "last":
-        return SelectFusion(num_layers, hidden_size, cfg, -1)
-    if kind.startswith("single:"):
-        try:
-            index = int(kind.split(":", 1)[1])
-        except ValueError as err:
-            raise ValueError(f"bad fusion kind {cfg.kind!r}; expected single:K with integer K") from err
-        return SelectFusion(num_layers, hidden_size, cfg, index)
-    if kind == "weighted":
-        return WeightedFusion(num_layers, hidden_size, cfg)
-    if kind in ("hierarchical", "hff"):
-        return HierarchicalFusion(num_layers, hidden_size, cfg)
-    raise ValueError(f"unknown fusion kind {cfg.kind!r}; use last, single:K, weighted or hierarchical")
+    name, index = parse_kind(cfg.kind)
+    if name in ONE_LAYER:
+        return FUSIONS[name](num_layers, hidden_size, cfg, -1 if index is None else index)
+    return FUSIONS[name](num_layers, hidden_size, cfg)
 
 
 class FusionNetwork(nn.Module):
@@ -243,7 +153,7 @@ class FusionNetwork(nn.Module):
             raise ValueError(
                 f"expected feats (B, T, {self.num_layers}, {self.hidden_size}), got {tuple(feats.shape)}"
             )
-        mask = lengths_to_mask(lengths, feats.shape[1], feats.shape[0]).to(feats.device)
+        mask = length_mask(lengths, feats.shape[1], feats.shape[0], feats.device)
         return self.downstream(self.fusion(feats, mask), mask)
 
     def layer_weights(self) -> dict:

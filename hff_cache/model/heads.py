@@ -9,13 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hff_cache.runtime.tensors import length_mask
+
 __all__ = ["CTCHead", "ClassifierHead", "ctc_greedy_decode", "masked_mean"]
 
 
-def _mask(lengths: torch.Tensor | None, batch: int, max_len: int, device: torch.device) -> torch.Tensor:
-    if lengths is None:
-        return torch.ones(batch, max_len, dtype=torch.bool, device=device)
-    return torch.arange(max_len, device=device)[None, :] < lengths.to(device)[:, None]
 
 
 def ctc_greedy_decode(
@@ -83,7 +81,7 @@ class CTCHead(nn.Module):
 
 def masked_mean(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """Mean over valid frames: (B, T, d) -> (B, d). Padded frames contribute nothing, whatever they hold."""
-    mask = _mask(lengths, x.shape[0], x.shape[1], x.device)[..., None]
+    mask = length_mask(lengths, x.shape[1], x.shape[0], x.device)[..., None]
     total = x.masked_fill(~mask, 0.0).sum(1)
     return total / mask.sum(1).clamp(min=1).to(x.dtype)
 
@@ -107,7 +105,7 @@ class ClassifierHead(nn.Module):
     def pool(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         if self.query is None:
             return masked_mean(x, lengths)
-        mask = _mask(lengths, x.shape[0], x.shape[1], x.device)
+        mask = length_mask(lengths, x.shape[1], x.shape[0], x.device)
         x = x.masked_fill(~mask[..., None], 0.0)  # so NaN/inf padding cannot reach the sum
         scores = (x @ self.query) / math.sqrt(x.shape[-1])
         attn = scores.masked_fill(~mask, float("-inf")).softmax(1)

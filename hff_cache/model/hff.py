@@ -24,6 +24,7 @@ from hff_cache.model.augment import SpecAugment, spec_augment
 from hff_cache.model.batch import Batch
 from hff_cache.model.fusion import FusionConfig, build_model_body, count_parameters
 from hff_cache.model.heads import ClassifierHead, CTCHead
+from hff_cache.runtime.tensors import length_mask
 
 __all__ = ["HFFModel", "ModelSpec", "SpecAugment"]
 
@@ -104,7 +105,7 @@ class HFFModel(nn.Module):
             states = self.encoder(inputs, self.spec.layers)
         x = torch.stack(states, dim=2)
         # zero padded frames, as the cache's collate does (they never reach real frames either way)
-        valid = torch.arange(x.shape[1], device=x.device)[None, :] < batch.lengths.to(x.device)[:, None]
+        valid = length_mask(batch.lengths, x.shape[1], device=x.device)
         return x.masked_fill(~valid[:, :, None, None], 0.0)
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:

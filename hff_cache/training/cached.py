@@ -9,6 +9,7 @@ import torch
 
 from hff_cache.config import TrainConfig, to_dict
 from hff_cache.model.augment import SpecAugment
+from hff_cache.model.fusion import layers_to_read
 from hff_cache.model.hff import HFFModel, ModelSpec
 from hff_cache.runs.directory import RunError, _redacted, cache_doc, check_cache, storage_options_for
 from hff_cache.runtime import distributed
@@ -37,7 +38,10 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = _log) -> Setup:
     if missing or not layers:
         raise RunError(f"layers {missing or layers} are not stored in {cfg.cache} "
                        f"(stored: {reader.meta.layers})")
-    layers, fusion = _model_layers(cfg, layers)
+    try:
+        layers, fusion = layers_to_read(cfg.fusion, layers)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
     task = Task.from_labels(cfg.task, reader, labels)
     train_data = task.prepare(reader, labels, "train")
     ctc = task.kind == "ctc"
@@ -53,7 +57,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = _log) -> Setup:
         valid_src = CacheBatches(valid_reader, valid_data, shuffle=False, **common)
         valid_refs, valid_n = dict(zip(valid_data.ids, valid_data.refs, strict=True)), len(valid_data)
     torch.manual_seed(cfg.seed)
-    spec = ModelSpec(fusion=fusion, num_layers=len(layers),
+    spec = ModelSpec(fusion=to_dict(fusion), num_layers=len(layers),
                      hidden_size=int(reader.meta.encoder.hidden_size), head="ctc" if ctc else "classify",
                      vocab_size=task.tokenizer.vocab_size, layers=layers, pooling=cfg.pooling,
                      normalize=cfg.normalize)
@@ -75,20 +79,6 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = _log) -> Setup:
     return Setup(model, task, train_src, valid_src, valid_refs, doc)
 
 
-def _model_layers(cfg: TrainConfig, layers: list[int]) -> tuple[list[int], dict[str, Any]]:
-    """Hidden states the model reads + its fusion config. A one-layer fusion (``last``, ``single:K``) reads
-    only that layer from the cache, so its batches are 1/L the size (same model, far less I/O and copying)."""
-    fusion = to_dict(cfg.fusion)
-    kind = str(fusion["kind"]).strip().lower()
-    if kind == "last" or kind.startswith("single:"):
-        try:
-            k = -1 if kind == "last" else int(kind.split(":", 1)[1])
-            layers = [layers[k]]
-        except (ValueError, IndexError):
-            raise RunError(f"fusion {fusion['kind']!r}: no such layer among the {len(layers)} used "
-                           f"({layers})") from None
-        fusion["kind"] = "last"
-    return layers, fusion
 
 
 def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = None,

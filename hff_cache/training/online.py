@@ -62,6 +62,7 @@ def prepare_online(cfg: Any, log: Callable[[str], None] = print) -> tuple[Any, A
     from hff_cache.encoders import load_encoder
     from hff_cache.model.adapters import enable_grad_checkpointing, encoder_parameter_counts, setup_method
     from hff_cache.model.augment import SpecAugment
+    from hff_cache.model.fusion import layers_to_read
     from hff_cache.model.hff import HFFModel, ModelSpec
     from hff_cache.runs.directory import RunError
     from hff_cache.runtime.environment import environment
@@ -88,14 +89,17 @@ def prepare_online(cfg: Any, log: Callable[[str], None] = print) -> tuple[Any, A
     ms = setup_method(encoder, cfg.method, cfg.bottleneck)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(encoder)
-    layers = ms.layers
-    if cfg.layers is not None and ms.fusion_kind is None:
-        bad = [k for k in cfg.layers if not 0 <= k < encoder.num_hidden_states]
+    available = list(range(encoder.num_hidden_states))
+    if cfg.layers is not None and ms.fusion_kind is None:  # a method that reads one layer reads the last
+        bad = [k for k in cfg.layers if k not in available]
         if bad:
-            raise RunError(f"layers {bad} out of range: {cfg.model} has hidden states "
-                           f"0..{encoder.num_hidden_states - 1}")
-        layers = list(cfg.layers)
+            raise RunError(f"layers {bad} out of range: {cfg.model} has hidden states 0..{available[-1]}")
+        available = list(cfg.layers)
     fusion = replace(cfg.fusion, kind=ms.fusion_kind) if ms.fusion_kind else cfg.fusion
+    try:
+        layers, fusion = layers_to_read(fusion, available)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
     encoder_lr = cfg.encoder_lr if cfg.encoder_lr is not None else default_encoder_lr(cfg.method, cfg.lr)
     cfg = replace(cfg, fusion=fusion, layers=layers, encoder_lr=encoder_lr)
 
