@@ -164,3 +164,19 @@ def test_spec_augment():
     full_feat = zero.all(dim=1)[:, 0]  # (B, D)
     assert (full_feat.sum(1) <= 2 * 3).all()
     assert torch.equal(spec_augment(feats, lengths, 0, 5, 0, 3), feats)
+
+
+def test_spec_augment_in_place_and_copy_draw_the_same_masks():
+    """The cached path zeroes spans in place, the online path (features with a graph) masks a copy: one draw."""
+    from hff_cache.model.augment import SpecAugment
+
+    feats, lengths = batch(t=40)
+    feats = feats + 10.0
+    aug = SpecAugment(time_masks=2, time_width=6, feat_masks=2, feat_width=3)
+    in_place = feats.clone()
+    out = aug.apply(in_place, lengths, torch.Generator().manual_seed(7))
+    assert out.data_ptr() == in_place.data_ptr()  # no copy of the batch
+    graph = feats.clone().requires_grad_(True) * 1.0  # a non-leaf, as online features with adapters are
+    copied = aug.apply(graph, lengths, torch.Generator().manual_seed(7))
+    assert copied.data_ptr() != graph.data_ptr()
+    assert torch.equal(out, copied.detach()) and (out == 0).any()

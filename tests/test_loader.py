@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from hff_cache.batches.common import collate_targets, plan_batches
+from hff_cache.batches.common import collate_targets
 from hff_cache.batches.from_cache import CacheBatches
 from hff_cache.cache import CacheReader
+from hff_cache.runtime.planning import plan_batches
 from hff_cache.tasks.task import Task
 from hff_cache.testing import tiny_cache
 

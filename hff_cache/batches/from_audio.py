@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from hff_cache.batches.common import collate_targets, plan_batches
-from hff_cache.intake.audio import audio_duration, load_audio
+from hff_cache.batches.common import collate_targets
+from hff_cache.intake.audio import audio_duration
 from hff_cache.intake.manifests import Utterance
 from hff_cache.model.batch import Batch
 from hff_cache.runtime import distributed
+from hff_cache.runtime.planning import plan_batches
 
 
 class IntakeIndex:
@@ -55,10 +56,6 @@ def spread_subset(utts: Sequence[Utterance], n: int | None) -> list[Utterance]:
     return [ordered[(i * len(ordered)) // n] for i in range(n)]
 
 
-def _load_wave(u: Utterance, rate: int, max_seconds: float) -> np.ndarray:
-    if u.samples is not None:
-        return load_audio(u.samples, rate, source_rate=u.sample_rate, max_seconds=max_seconds, name=u.id)
-    return load_audio(u.audio, rate, max_seconds=max_seconds, name=f"{u.id} ({u.audio})")
 
 
 class AudioBatches:
@@ -82,7 +79,7 @@ class AudioBatches:
         self.targets = list(targets) if targets is not None else None
         self.ctc = ctc
         self.ids = [u.id for u in self.utts]
-        # integer milliseconds, so loader.plan_batches (integer lengths) does the cutting
+        # integer milliseconds, so plan_batches (integer lengths) does the cutting
         self.lengths = np.asarray([max(1, round(1000 * utterance_seconds(u))) for u in self.utts], dtype=np.int64)
         self.budget = max(1, int(1000 * batch_seconds))
         self.max_batch_utts = int(max_batch_utts)
@@ -127,7 +124,7 @@ class AudioBatches:
     def make_batch(self, positions: Sequence[int]) -> Batch:
         """Decode, resample and ``prepare`` one batch (runs in a worker thread)."""
         rate = int(self.encoder.info.sample_rate)
-        waves = [_load_wave(self.utts[p], rate, self.max_seconds) for p in positions]
+        waves = [self.utts[p].load_wave(rate, self.max_seconds) for p in positions]
         inputs = self.encoder.prepare(waves)
         if self.targets is not None:
             targets, target_lengths = collate_targets([self.targets[p] for p in positions], self.ctc)

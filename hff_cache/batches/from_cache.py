@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from hff_cache.batches.common import collate_targets, memory_available, plan_batches
+from hff_cache.batches.common import collate_targets, memory_available
 from hff_cache.cache.format import CHUNK_FRAMES
 from hff_cache.model.batch import Batch
 from hff_cache.runtime.distributed import balanced_assignment
+from hff_cache.runtime.planning import plan_batches
 
-__all__ = ["Batch", "CacheBatches", "collate_targets", "plan_batches", "memory_available"]
+__all__ = ["CacheBatches"]
 
 
 

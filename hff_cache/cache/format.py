@@ -20,6 +20,7 @@ FORMAT_VERSION = 1
 ROOT_KEY = "hff_cache"  # the single root attribute that holds CacheMeta
 PARTS = "parts"
 SHARDS = "shards"  # shards/<worker>.json: completion records of extraction shards (plain JSON, not Zarr)
+LOCKS = ".locks"  # .locks/<worker>.lock: writers' flock files; not a Zarr node, readers never look at it
 INDEX_ARRAYS = ("ids", "offsets", "lengths", "num_samples", "text", "meta")
 STATS_ARRAYS = ("stats_sum", "stats_sumsq")
 CHECKSUM_ALGORITHM = "crc32"

@@ -24,6 +24,7 @@ from .codecs import Codec, get_codec
 from .format import (
     CHECKSUM_ALGORITHM,
     INDEX_ARRAYS,
+    LOCKS,
     PARTS,
     SHARDS,
     STATS_ARRAYS,
@@ -46,8 +47,6 @@ from .reader import (
     read_json,
     read_part_attrs,
 )
-
-_LOCKS = ".locks"
 
 
 @dataclass
@@ -181,7 +180,7 @@ def _stray_names(store: Any, rep: VerifyReport) -> None:
         parts = sync(_ls(PARTS))
     except Exception:  # noqa: BLE001 - listing is best effort (some object stores refuse it)
         return
-    stray = [n for n in root if n.rstrip("/") not in ("zarr.json", PARTS, _LOCKS, SHARDS)]
+    stray = [n for n in root if n.rstrip("/") not in ("zarr.json", PARTS, LOCKS, SHARDS)]
     stray += [f"{PARTS}/{n}" for n in parts if n.rstrip("/") != "zarr.json" and parse_part_id(n.rstrip("/")) is None]
     if stray:
         rep.warnings.append(f"ignored names that are not part of the format (e.g. temp files of a killed "

@@ -27,6 +27,7 @@ from .format import (
     CHECKSUM_ALGORITHM,
     CHUNK_FRAMES,
     FORMAT_VERSION,
+    LOCKS,
     PARTS,
     ROOT_KEY,
     ZSTD_LEVEL,
@@ -53,7 +54,6 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 _STR = np.dtypes.StringDType()
-LOCKS = ".locks"  # <cache>/.locks/<worker>.lock: not a Zarr node, readers never look at it
 
 
 class CacheWriter:

@@ -29,9 +29,10 @@ from hff_cache.cache import (
 )
 from hff_cache.config import ExtractConfig
 from hff_cache.encoders import SpeechEncoder, load_encoder
-from hff_cache.intake.audio import AudioError, load_audio
+from hff_cache.intake.audio import AudioError
 from hff_cache.intake.manifests import Utterance, intake_fingerprint, load_intake
 from hff_cache.runtime.distributed import balanced_assignment, current, resolve_device
+from hff_cache.runtime.planning import plan_batches
 
 
 @dataclass
@@ -69,25 +70,12 @@ def shard_utterances(utts: Sequence[Utterance], num_shards: int, shard_index: in
 
 def make_batches(utts: Sequence[Utterance], batch_seconds: float) -> list[list[Utterance]]:
     """Similar lengths together, longest first (so memory errors show up at once); the padded
-    cost (longest x count) stays under `batch_seconds`."""
-    ordered = sorted(utts, key=lambda u: (-u.duration, u.id))
-    batches: list[list[Utterance]] = []
-    current: list[Utterance] = []
-    for u in ordered:
-        longest = current[0].duration if current else u.duration
-        if current and longest * (len(current) + 1) > batch_seconds:
-            batches.append(current)
-            current = []
-        current.append(u)
-    if current:
-        batches.append(current)
-    return batches
+    cost (longest x count) stays under `batch_seconds` (`plan_batches` on milliseconds)."""
+    ms = np.asarray([max(1, round(1000 * u.duration)) for u in utts], dtype=np.int64)
+    plan = plan_batches(range(len(utts)), ms, max(1, int(1000 * batch_seconds)), max_utts=len(utts) or 1)
+    return [[utts[p] for p in reversed(b)] for b in reversed(plan)]
 
 
-def _load(u: Utterance, rate: int, max_seconds: float) -> np.ndarray:
-    if u.samples is not None:
-        return load_audio(u.samples, rate, source_rate=u.sample_rate, max_seconds=max_seconds, name=u.id)
-    return load_audio(u.audio, rate, max_seconds=max_seconds, name=f"{u.id} ({u.audio})")
 
 
 def _prefetch(batches: list[list[Utterance]], rate: int, cfg: ExtractConfig
@@ -99,7 +87,7 @@ def _prefetch(batches: list[list[Utterance]], rate: int, cfg: ExtractConfig
         out: list[np.ndarray | AudioError] = []
         for u in batch:
             try:
-                out.append(_load(u, rate, cfg.max_seconds))
+                out.append(u.load_wave(rate, cfg.max_seconds))
             except AudioError as exc:
                 out.append(exc)
         return out

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hff_cache.intake.audio import audio_duration
+from hff_cache.intake.audio import DEFAULT_MAX_SECONDS, audio_duration, load_audio
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".sph")
 _KNOWN_FIELDS = {"id", "audio", "path", "text", "duration"}
@@ -39,6 +39,12 @@ class Utterance:
     meta: dict[str, Any] = field(default_factory=dict)  # speaker and any extra label columns
     samples: np.ndarray | None = field(default=None, repr=False)  # in-memory audio (HF datasets)
     sample_rate: int | None = None
+
+    def load_wave(self, rate: int, max_seconds: float = DEFAULT_MAX_SECONDS) -> np.ndarray:
+        """The audio as mono float32 at ``rate``; an ``AudioError`` names this utterance and its file."""
+        if self.samples is not None:
+            return load_audio(self.samples, rate, source_rate=self.sample_rate, max_seconds=max_seconds, name=self.id)
+        return load_audio(self.audio, rate, max_seconds=max_seconds, name=f"{self.id} ({self.audio})")
 
 
 def load_intake(spec: str | Path, *, check_duplicates: bool = True,

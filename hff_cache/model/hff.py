@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hff_cache.model.augment import SpecAugment, spec_augment
+from hff_cache.model.augment import SpecAugment
 from hff_cache.model.batch import Batch
 from hff_cache.model.fusion import FusionConfig, build_model_body, count_parameters
 from hff_cache.model.heads import ClassifierHead, CTCHead
@@ -114,34 +114,9 @@ class HFFModel(nn.Module):
         if self.spec.normalize == "stats":
             x = (x.float() - self.norm_mean) / self.norm_std
         if self.training and self.augment.active:
-            x = self._augment(x, batch.lengths, generator)
+            x = self.augment.apply(x, batch.lengths, generator)
         h = self.body(x, batch.lengths)
         return self.head(h) if self.is_ctc else self.head(h, batch.lengths)
-
-    def _augment(self, x: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator | None
-                 ) -> torch.Tensor:
-        """SpecAugment with ``fusion.spec_augment``'s distribution (spans shared by all layers), but zeroing
-        the masked spans in place: a cached batch is freshly collated for this step, and touching only the
-        masked spans avoids a full copy of the (B, T, L, D) batch (~25% of a step on CPU)."""
-        a = self.augment
-        if self.encoder is None and x.is_leaf and not x.requires_grad:
-            b, t, _, d = x.shape
-
-            def draw(high: int) -> int:  # uniform in [0, high], as spec_augment draws
-                return int(torch.randint(0, max(high, 0) + 1, (1,), generator=generator))
-
-            for i, n in enumerate(lengths.cpu().tolist()):
-                n = min(int(n), t)
-                for _ in range(a.time_masks):
-                    w = draw(min(a.time_width, n))
-                    s = draw(n - w)
-                    x[i, s:s + w] = 0
-                for _ in range(a.feat_masks):
-                    w = draw(min(a.feat_width, d))
-                    s = draw(d - w)
-                    x[i, :, :, s:s + w] = 0
-            return x
-        return spec_augment(x, lengths, a.time_masks, a.time_width, a.feat_masks, a.feat_width, generator)
 
     def loss(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
         if self.is_ctc:
