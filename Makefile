@@ -23,10 +23,12 @@ demo: install  ## the main job: the offline demo
 
 test: install  ## the test suite (what .ci/run runs)
 	$(BIN)/ruff check hff_cache tests benchmarks pipelines
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n 2 tests
 
 lint:
 	$(BIN)/ruff check hff_cache tests benchmarks pipelines
+	$(BIN)/lint-imports
 
 docs:  ## regenerate the CLI reference from the code
 	$(BIN)/typer hff_cache.cli utils docs --name hff-cache --title "hff-cache command reference (generated)" \
