@@ -32,12 +32,15 @@ class ExtractConfig:
     num_shards: int = 1  # split the work into shards balanced by duration (SLURM arrays, torchrun)
     shard_index: int = 0
     loader_threads: int = 2  # audio decoding/resampling threads ahead of the encoder
+    whisper_window: str = "real"  # real (the real length) | 30s (Whisper's padded window, trimmed to real frames)
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for remote caches
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', not {self.on_error!r}")
+        if self.whisper_window not in ("real", "30s"):
+            raise ValueError(f"whisper_window must be 'real' or '30s', not {self.whisper_window!r}")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index {self.shard_index} outside 0..{self.num_shards - 1}")
 

@@ -73,3 +73,36 @@ def test_weights_fingerprint_tracks_weights() -> None:
     assert a.info.file_hash != b.info.file_hash
     assert a.info.file_hash == tiny_encoder("hubert", seed=0).info.file_hash
     assert np.isfinite(a.info.frame_rate)
+
+
+def test_whisper_30s_window_equals_transformers_padded_forward_trimmed() -> None:
+    """--whisper-window 30s: what transformers' WhisperEncoder computes on its 30 s input, cut to the real frames,
+    batched or alone; and the real-length default differs from it (the drift the option lets users measure)."""
+    from transformers import WhisperFeatureExtractor
+
+    enc = tiny_encoder("whisper")
+    waves = synthetic_waves([1.0, 2.3])
+    real = enc(enc.prepare(waves), [0, 3])
+    enc.set_window("30s")
+    assert enc.info.input_window == "30s"
+    batch = enc.prepare(waves)
+    padded = enc(batch, [0, 3])
+    fe = WhisperFeatureExtractor(feature_size=80)
+    for i, wave in enumerate(waves):
+        n = int(batch.frame_lengths[i])
+        assert n == enc.num_frames(len(wave))
+        mel = fe(wave, sampling_rate=16000, return_tensors="pt").input_features
+        with torch.no_grad():
+            ref = enc.encoder(mel, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(padded[1][i, :n], ref[-1][0, :n], atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(padded[0][i, :n], ref[0][0, :n], atol=2e-4, rtol=1e-4)
+        assert not torch.allclose(padded[1][i, :n], real[1][i, :n], atol=1e-3)
+
+
+def test_whisper_window_is_for_whisper_only() -> None:
+    from hff_cache.encoders import set_input_window
+
+    with pytest.raises(ValueError, match="for Whisper encoders"):
+        set_input_window(tiny_encoder("wav2vec2"), "30s")
+    with pytest.raises(ValueError, match="choose one of real, 30s"):
+        tiny_encoder("whisper").set_window("10s")

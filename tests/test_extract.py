@@ -161,3 +161,21 @@ def test_cli_extract_and_info(tmp_path: Path) -> None:
     assert "nothing to do" in again.stdout
     bad = subprocess.run(cmd[:-3] + ["--codec", "fp16"], capture_output=True, text=True)
     assert bad.returncode == 2 and "codec.name" in bad.stderr
+
+
+def test_whisper_window_is_recorded_and_a_mixed_resume_refused(tmp_path: Path) -> None:
+    manifest = write_corpus(tmp_path / "a", DURATIONS[:3])
+    out = tmp_path / "c.zarr"
+
+    def run(window: str) -> None:
+        extract(ExtractConfig(model="tiny-random:whisper", data=str(manifest), out=str(out), progress=False,
+                              whisper_window=window), encoder=tiny_encoder("whisper"))
+
+    run("30s")
+    reader = CacheReader(out)
+    assert reader.meta.encoder.input_window == "30s"
+    frames = {uid: int(n) for uid, n in zip(reader.ids, reader.lengths, strict=True)}
+    assert frames == {f"utt{i:03d}": tiny_encoder("whisper").num_frames(int(d * 16000))
+                      for i, d in enumerate(DURATIONS[:3])}  # the real frames only
+    with pytest.raises(CacheMismatchError, match="input_window"):
+        run("real")

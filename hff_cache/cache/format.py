@@ -83,9 +83,16 @@ class EncoderInfo:
     frame_rate: float = 50.0
     hidden_size: int = 0
     num_hidden_states: int = 0
+    # How the encoder saw its input when that is not the model's plain real-length input: "30s" for Whisper
+    # padded to its 30-second window and trimmed to the real frames. "" (real length) is left out of the
+    # JSON and of the cache id, so caches written before the field existed keep their ids.
+    input_window: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["input_window"]:
+            del d["input_window"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderInfo:
@@ -160,6 +167,7 @@ _IDENTITY_FIELDS = (
     "encoder.frame_rate",
     "encoder.hidden_size",
     "encoder.num_hidden_states",
+    "encoder.input_window",
     "layers",
     "codec.name",
     "codec.params",
@@ -193,7 +201,7 @@ def cache_id(meta: CacheMeta) -> str:
     e = meta.encoder
     ident = {
         "encoder": [e.name, e.model_class, e.revision, e.file_hash, e.sample_rate, float(e.frame_rate),
-                    e.hidden_size, e.num_hidden_states],
+                    e.hidden_size, e.num_hidden_states] + ([e.input_window] if e.input_window else []),
         "layers": [int(k) for k in meta.layers],
         "codec": meta.codec.to_dict(),
         "format_version": meta.format_version,

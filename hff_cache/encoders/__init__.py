@@ -16,15 +16,30 @@ import torch
 
 from hff_cache.encoders.base import EncoderBatch, SpeechEncoder
 
-__all__ = ["EncoderBatch", "SpeechEncoder", "load_encoder"]
+__all__ = ["EncoderBatch", "SpeechEncoder", "load_encoder", "set_input_window"]
 
 
-def load_encoder(name: str, device: str | torch.device = "cpu") -> SpeechEncoder:
-    """Load a frozen encoder by name (see the module docstring) onto `device`, in eval mode."""
-    encoder = _load(name)
+def load_encoder(name: str, device: str | torch.device = "cpu", whisper_window: str = "real") -> SpeechEncoder:
+    """Load a frozen encoder by name (see the module docstring) onto `device`, in eval mode.
+
+    ``whisper_window`` ``30s`` runs a Whisper encoder on its padded 30-second window (see encoders/whisper.py)."""
+    encoder = set_input_window(_load(name), whisper_window)
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder.to(device).eval()
+
+
+def set_input_window(encoder: SpeechEncoder, whisper_window: str) -> SpeechEncoder:
+    """``real`` leaves any encoder as it is; ``30s`` puts a Whisper encoder on its padded window."""
+    if whisper_window == "real":
+        return encoder
+    from hff_cache.encoders.whisper import WhisperSpeechEncoder
+
+    if not isinstance(encoder, WhisperSpeechEncoder):
+        raise ValueError(f"--whisper-window {whisper_window} is for Whisper encoders; {encoder.info.name} is "
+                         f"{encoder.info.model_class}")
+    encoder.set_window(whisper_window)
+    return encoder
 
 
 def _load(name: str) -> SpeechEncoder:

@@ -8,6 +8,11 @@ utterance alone gives. On ~12 s utterances that is several times faster than pad
 
 Hidden states: h_0 = conv output + positions, h_k = output of layer k, and h_L = the final
 LayerNorm of the last layer (as in transformers' `hidden_states`).
+
+`set_window("30s")` runs Whisper as it was trained instead: every input padded to 30 s (log-mel of the
+zero-padded audio, as its feature extractor computes it), all 1500 positions attended, and the output
+trimmed to the real frames afterwards (`frame_lengths`). It costs the full window whatever the length;
+`hff-cache extract --whisper-window 30s` records it as the encoder's `input_window`.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from hff_cache.runtime.tensors import length_mask
 SAMPLE_RATE = 16000
 HOP = 160
 N_FFT = 400
+WINDOWS = ("real", "30s")
 
 
 class WhisperSpeechEncoder(SpeechEncoder):
     def __init__(self, encoder: nn.Module, name: str, *, revision: str = "", file_hash: str = "") -> None:
         super().__init__()
+        self.input_window = "real"
         self.encoder = encoder.eval()
         cfg = encoder.config
         self.n_mels = int(cfg.num_mel_bins)
@@ -55,6 +62,13 @@ class WhisperSpeechEncoder(SpeechEncoder):
     def layers(self) -> nn.ModuleList:
         return self.encoder.layers
 
+    def set_window(self, window: str) -> None:
+        """``real`` (default) or ``30s``: see the module docstring."""
+        if window not in WINDOWS:
+            raise ValueError(f"unknown Whisper input window {window!r}; choose one of {', '.join(WINDOWS)}")
+        self.input_window = window
+        self.info.input_window = "" if window == "real" else window
+
     def num_frames(self, num_samples: int) -> int:
         return (num_samples // HOP + 1) // 2
 
@@ -73,12 +87,17 @@ class WhisperSpeechEncoder(SpeechEncoder):
         if too_long:
             raise ValueError(f"Whisper's encoder takes at most 30 s; got {max(too_long) / SAMPLE_RATE:.1f} s "
                              "(segment long recordings first)")
+        real = torch.tensor([len(w) // HOP for w in waves], dtype=torch.long)  # mel frames of the real audio
+        if self.input_window == "30s":  # the trained window: zero-padded audio, log-mel over all of it
+            waves = [np.pad(np.asarray(w, dtype=np.float32), (0, max_samples - len(w))) for w in waves]
         with torch.no_grad():
             mels = [self.log_mel(torch.from_numpy(np.asarray(w, dtype=np.float32))).T.numpy() for w in waves]
         feats, mel_lengths = pad_stack(mels)  # (B, T_mel, n_mels)
-        frames = (mel_lengths + 1) // 2
-        return EncoderBatch({"input_features": feats.transpose(1, 2).contiguous(), "mel_lengths": mel_lengths},
-                            frames)
+        # attended frames: the real ones, or the whole window; the stored (trimmed) frames are always the real
+        attended = (mel_lengths + 1) // 2
+        frames = (real + 1) // 2 if self.input_window == "30s" else attended
+        return EncoderBatch({"input_features": feats.transpose(1, 2).contiguous(), "mel_lengths": mel_lengths,
+                             "attended_frames": attended}, frames)
 
     def _forward(self, batch: EncoderBatch, upto: int) -> list[torch.Tensor]:
         enc = self.encoder
@@ -92,7 +111,7 @@ class WhisperSpeechEncoder(SpeechEncoder):
             raise ValueError(f"{t} frames exceed Whisper's {enc.embed_positions.weight.shape[0]} positions")
         hidden = x + enc.embed_positions.weight[:t].to(x.dtype)
         hidden = nn.functional.dropout(hidden, p=enc.config.dropout, training=self.training)
-        mask = length_mask(batch.frame_lengths.to(x.device), t)
+        mask = length_mask(batch.inputs.get("attended_frames", batch.frame_lengths).to(x.device), t)
         # Additive key-padding mask (B, 1, T, T): works with eager and SDPA attention.
         attn = torch.zeros(mask.shape[0], 1, t, t, dtype=hidden.dtype, device=hidden.device)
         attn = attn.masked_fill(~mask[:, None, None, :], torch.finfo(hidden.dtype).min)

@@ -28,7 +28,7 @@ from hff_cache.cache import (
     record_shard_complete,
 )
 from hff_cache.config import ExtractConfig
-from hff_cache.encoders import SpeechEncoder, load_encoder
+from hff_cache.encoders import SpeechEncoder, load_encoder, set_input_window
 from hff_cache.intake.audio import AudioError
 from hff_cache.intake.manifests import Utterance, intake_fingerprint, load_intake
 from hff_cache.runtime.distributed import balanced_assignment, current, resolve_device
@@ -129,7 +129,8 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
         return ExtractReport(cfg.out, total=len(utts), already_done=len(utts),
                              wall_seconds=time.perf_counter() - start)
     device = resolve_device(cfg.device)
-    encoder = encoder if encoder is not None else load_encoder(cfg.model, device)
+    encoder = set_input_window(encoder, cfg.whisper_window) if encoder is not None else \
+        load_encoder(cfg.model, device, cfg.whisper_window)
     encoder = encoder.to(device)
     layers = cfg.layers if cfg.layers is not None else list(range(encoder.num_hidden_states))
     codec = get_codec(cfg.codec)
@@ -214,6 +215,8 @@ def _already_complete(cfg: ExtractConfig, utts: Sequence[Utterance], extra_ids: 
         return False
     meta = reader.meta
     if meta.encoder.name != cfg.model or meta.codec.name != cfg.codec:
+        return False
+    if meta.encoder.input_window != ("" if cfg.whisper_window == "real" else cfg.whisper_window):
         return False
     if cfg.layers is not None and list(meta.layers) != list(cfg.layers):
         return False
