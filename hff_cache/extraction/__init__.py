@@ -1,1 +1,1 @@
-"""extraction"""
+"""Extraction (stage one): run a frozen encoder once over the intake and write the feature cache."""
