@@ -10,13 +10,14 @@ Names:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from hff_cache.encoders.base import EncoderBatch, SpeechEncoder
 
-__all__ = ["EncoderBatch", "SpeechEncoder", "load_encoder", "set_input_window"]
+__all__ = ["LOADERS", "EncoderBatch", "SpeechEncoder", "load_encoder", "set_input_window"]
 
 
 def load_encoder(name: str, device: str | torch.device = "cpu", whisper_window: str = "real") -> SpeechEncoder:
@@ -42,21 +43,40 @@ def set_input_window(encoder: SpeechEncoder, whisper_window: str) -> SpeechEncod
     return encoder
 
 
-def _load(name: str) -> SpeechEncoder:
-    if name.startswith("tiny-random:"):
-        from hff_cache.encoders.tiny import tiny_encoder
+def _tiny(family: str) -> SpeechEncoder:
+    from hff_cache.encoders.tiny import tiny_encoder
 
-        return tiny_encoder(name.split(":", 1)[1])
-    if name.startswith("faster-whisper:"):
-        from hff_cache.encoders.ctranslate2 import resolve_faster_whisper
+    return tiny_encoder(family)
 
-        return _load_ctranslate2(resolve_faster_whisper(name.split(":", 1)[1]), name)
+
+def _faster_whisper(size: str) -> SpeechEncoder:
+    from hff_cache.encoders.ctranslate2 import resolve_faster_whisper
+
+    return _load_ctranslate2(resolve_faster_whisper(size), f"faster-whisper:{size}")
+
+
+def _path_or_hub_id(name: str) -> SpeechEncoder:
     path = Path(name)
-    if (path / "model.bin").exists():
+    if (path / "model.bin").exists():  # a CTranslate2 (faster-whisper) model folder
         return _load_ctranslate2(path, str(path.resolve()))
     from hff_cache.encoders.hf import load_hf_encoder
 
     return load_hf_encoder(name)
+
+
+# The registry: name prefix -> loader of what follows the prefix. A name without a registered prefix is a
+# model folder or a hub id. A new encoder family is one module in encoders/ plus one line here.
+LOADERS: dict[str, Callable[[str], SpeechEncoder]] = {
+    "tiny-random:": _tiny,
+    "faster-whisper:": _faster_whisper,
+}
+
+
+def _load(name: str) -> SpeechEncoder:
+    for prefix, loader in LOADERS.items():
+        if name.startswith(prefix):
+            return loader(name[len(prefix):])
+    return _path_or_hub_id(name)
 
 
 def _load_ctranslate2(model_dir: Path, name: str) -> SpeechEncoder:

@@ -20,6 +20,7 @@ frozen encoder's own features.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +33,6 @@ from hff_cache.encoders.base import SpeechEncoder
 __all__ = ["METHODS", "BottleneckAdapter", "MethodSetup", "attach_adapters", "enable_grad_checkpointing",
            "encoder_parameter_counts", "setup_method"]
 
-METHODS = ("hff-adapters", "adapters", "bitfit", "full", "hff-frozen")
-HIERARCHICAL_METHODS = ("hff-adapters", "hff-frozen")  # read every hidden state; the others read the last
 
 
 class BottleneckAdapter(nn.Module):
@@ -85,6 +84,47 @@ class MethodSetup:
     encoder_trainable: bool  # False: run the encoder under no_grad (hff-frozen)
 
 
+def _adapters_everywhere(encoder: SpeechEncoder, bottleneck: int) -> None:
+    for p in attach_adapters(encoder, bottleneck, "all").parameters():
+        p.requires_grad_(True)
+
+
+def _adapter_on_top(encoder: SpeechEncoder, bottleneck: int) -> None:
+    for p in attach_adapters(encoder, bottleneck, "last").parameters():
+        p.requires_grad_(True)
+
+
+def _unfreeze(encoder: SpeechEncoder, biases_only: bool) -> None:
+    # The wav2vec2 CNN stays frozen (the usual recipe: it is cheap to keep, costly to tune), and Whisper's
+    # position table is fixed sinusoids (transformers never trains it either).
+    frozen = {id(p) for p in encoder.frozen_feature_encoder_parameters()}
+    for name, p in encoder.named_parameters():
+        if id(p) in frozen or not p.is_floating_point() or name.endswith("embed_positions.weight"):
+            continue
+        if not biases_only or _is_bias(name):
+            p.requires_grad_(True)
+
+
+@dataclass(frozen=True)
+class Method:
+    """An online method: what it switches on in the frozen encoder, and whether the fusion reads every
+    hidden state (hierarchical) or the last one."""
+
+    setup: Callable[[SpeechEncoder, int], None]  # (encoder, bottleneck) -> None
+    hierarchical: bool
+    trains_encoder: bool = True
+
+
+# The registry. A new method is one function (or file) plus one line here; docs/contributing.md.
+METHODS: dict[str, Method] = {
+    "hff-adapters": Method(_adapters_everywhere, hierarchical=True),
+    "adapters": Method(_adapter_on_top, hierarchical=False),
+    "bitfit": Method(lambda enc, _: _unfreeze(enc, biases_only=True), hierarchical=False),
+    "full": Method(lambda enc, _: _unfreeze(enc, biases_only=False), hierarchical=False),
+    "hff-frozen": Method(lambda enc, _: None, hierarchical=True, trains_encoder=False),
+}
+
+
 def setup_method(encoder: SpeechEncoder, method: str, bottleneck: int = 64) -> MethodSetup:
     """Attach adapters and set ``requires_grad`` on ``encoder`` for ``method`` (see the module table)."""
     if method not in METHODS:
@@ -92,22 +132,10 @@ def setup_method(encoder: SpeechEncoder, method: str, bottleneck: int = 64) -> M
     for p in encoder.parameters():
         p.requires_grad_(False)
     encoder.layer_transforms = None
-    if method in ("hff-adapters", "adapters"):
-        adapters = attach_adapters(encoder, bottleneck, "all" if method == "hff-adapters" else "last")
-        for p in adapters.parameters():
-            p.requires_grad_(True)
-    elif method in ("bitfit", "full"):
-        # The wav2vec2 CNN stays frozen in both (the usual recipe: it is cheap to keep, costly to tune).
-        frozen = {id(p) for p in encoder.frozen_feature_encoder_parameters()}
-        for name, p in encoder.named_parameters():
-            # Whisper's position table is fixed sinusoids (transformers never trains it either)
-            if id(p) in frozen or not p.is_floating_point() or name.endswith("embed_positions.weight"):
-                continue
-            if method == "full" or _is_bias(name):
-                p.requires_grad_(True)
-    hierarchical = method in HIERARCHICAL_METHODS
-    return MethodSetup(method=method, fusion_kind=None if hierarchical else "last",
-                       encoder_trainable=method != "hff-frozen")
+    spec = METHODS[method]
+    spec.setup(encoder, bottleneck)
+    return MethodSetup(method=method, fusion_kind=None if spec.hierarchical else "last",
+                       encoder_trainable=spec.trains_encoder)
 
 
 def encoder_parameter_counts(encoder: SpeechEncoder | None) -> dict[str, int]:
