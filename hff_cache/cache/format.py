@@ -9,12 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+
+# zarr warns that numcodecs codecs (our byte-shuffle + zstd pipeline) are "not in the Zarr version 3
+# specification" every time an array of a cache is opened. The project chose them on purpose and reads them
+# itself, so that one message is silenced for good, by one filter set here at import (a per-call
+# catch_warnings is not thread-safe: the loader's threads let it through). Every other warning stays.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 FORMAT_VERSION = 1
 ROOT_KEY = "hff_cache"  # the single root attribute that holds CacheMeta

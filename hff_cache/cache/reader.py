@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -96,15 +95,6 @@ def store_bytes(store: Store) -> int:
     return int(sync(store.getsize_prefix("")))
 
 
-@contextlib.contextmanager
-def quiet_numcodecs() -> Iterator[None]:
-    """Silence zarr's "numcodecs codecs are not in the Zarr v3 spec" warning (we write and read the
-    shuffle codec ourselves). Warning filters are process-wide, so threaded callers wrap the whole pool."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Numcodecs codecs are not in the Zarr version 3")
-        yield
-
-
 def open_array(store: Store, path: str) -> zarr.Array:
     return zarr.open_array(store=store, path=path, mode="r", zarr_format=3)  # zarr_format: no v2 probing
 
@@ -174,7 +164,7 @@ class CacheReader:
         def load(pid: str) -> dict[str, np.ndarray]:
             return {n: open_array(self.store, f"{PARTS}/{pid}/{n}")[...] for n in INDEX_ARRAYS}
 
-        with quiet_numcodecs(), ThreadPoolExecutor(max_workers=8) as pool:  # overlap remote requests
+        with ThreadPoolExecutor(max_workers=8) as pool:  # overlap remote requests
             index = list(pool.map(load, self._part_ids))
 
         self.ids: list[str] = []
@@ -247,10 +237,9 @@ class CacheReader:
         if key not in self._arrays:
             base = f"{PARTS}/{self._part_ids[part]}"
             k = self.meta.layers[pos]
-            with quiet_numcodecs():
-                arrs: dict[str, Any] = {MAIN: open_array(self.store, f"{base}/{layer_name(k)}")}
-                for suffix in self.codec.side_suffixes:
-                    arrs[suffix] = open_array(self.store, f"{base}/{side_name(suffix, k)}")[...]
+            arrs: dict[str, Any] = {MAIN: open_array(self.store, f"{base}/{layer_name(k)}")}
+            for suffix in self.codec.side_suffixes:
+                arrs[suffix] = open_array(self.store, f"{base}/{side_name(suffix, k)}")[...]
             self._arrays[key] = arrs
         return self._arrays[key]
 
@@ -398,8 +387,7 @@ class CacheReader:
         for pid, a in zip(self._part_ids, self._part_attrs, strict=True):
             for name, expected in a.get("checksums", {}).items():
                 try:
-                    with quiet_numcodecs():
-                        got = array_checksum(open_array(self.store, f"{PARTS}/{pid}/{name}")[...])
+                    got = array_checksum(open_array(self.store, f"{PARTS}/{pid}/{name}")[...])
                 except Exception as err:  # unreadable chunk: report it with the rest
                     problems.append(f"{pid}/{name}: unreadable ({err})")
                     continue

@@ -43,7 +43,6 @@ from .reader import (
     load_root_meta,
     open_array,
     open_store,
-    quiet_numcodecs,
     read_json,
     read_part_attrs,
 )
@@ -128,7 +127,7 @@ def verify_cache(url: str, storage_options: dict | None = None, *, scan_values: 
             on_part(item[0])
         return res
 
-    with quiet_numcodecs(), ThreadPoolExecutor(max(1, threads)) as pool:
+    with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(check, committed))
 
     first_part: dict[str, str] = {}

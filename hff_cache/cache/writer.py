@@ -46,7 +46,7 @@ from .format import (
     shard_record_key,
     side_name,
 )
-from .reader import list_part_ids, open_array, open_store, quiet_numcodecs, read_json, read_part_attrs
+from .reader import list_part_ids, open_array, open_store, read_json, read_part_attrs
 
 try:  # POSIX only; elsewhere local caches go unlocked like remote ones
     import fcntl
@@ -373,30 +373,29 @@ class CacheWriter:
             keys = [k for name, *_ in names_data for k in _list_prefix(stage, f"{path}/{name}/")]
             _upload(stage, self.store, keys, drop=True)  # drop: keep only one layer staged at a time
 
-        with quiet_numcodecs():
-            put([
-                ("ids", np.asarray(self._ids, dtype=_STR), None, None),
-                ("offsets", offsets, None, None),
-                ("lengths", lengths, None, None),
-                ("num_samples", np.asarray(self._samples, dtype=np.int64), None, None),
-                ("text", np.asarray(self._texts, dtype=_STR), None, None),
-                ("meta", np.asarray(self._metas, dtype=_STR), None, None),
-                ("stats_sum", self._sum, None, None),
-                ("stats_sumsq", self._sumsq, None, None),
-            ])
-            dim = self.meta.encoder.hidden_size
-            for j, k in enumerate(self.meta.layers):
-                x = (np.concatenate([f[j] for f in self._feats]) if self._feats
-                     else np.zeros((0, dim), self.codec.buffer_dtype))
-                batch = []
-                for suffix, data in self.codec.encode(x).items():
-                    if suffix == MAIN:
-                        chunks = (self.chunk_frames, *data.shape[1:])
-                        batch.append((layer_name(k), data, chunks, self.codec.compressors()))
-                    else:
-                        batch.append((side_name(suffix, k), data, None, None))
-                del x
-                put(batch)
+        put([
+            ("ids", np.asarray(self._ids, dtype=_STR), None, None),
+            ("offsets", offsets, None, None),
+            ("lengths", lengths, None, None),
+            ("num_samples", np.asarray(self._samples, dtype=np.int64), None, None),
+            ("text", np.asarray(self._texts, dtype=_STR), None, None),
+            ("meta", np.asarray(self._metas, dtype=_STR), None, None),
+            ("stats_sum", self._sum, None, None),
+            ("stats_sumsq", self._sumsq, None, None),
+        ])
+        dim = self.meta.encoder.hidden_size
+        for j, k in enumerate(self.meta.layers):
+            x = (np.concatenate([f[j] for f in self._feats]) if self._feats
+                 else np.zeros((0, dim), self.codec.buffer_dtype))
+            batch = []
+            for suffix, data in self.codec.encode(x).items():
+                if suffix == MAIN:
+                    chunks = (self.chunk_frames, *data.shape[1:])
+                    batch.append((layer_name(k), data, chunks, self.codec.compressors()))
+                else:
+                    batch.append((side_name(suffix, k), data, None, None))
+            del x
+            put(batch)
         group.attrs.update({
             "committed": True,
             "num_utterances": len(self._ids),

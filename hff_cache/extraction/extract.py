@@ -184,7 +184,7 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
                     report.audio_seconds += len(w) / encoder.info.sample_rate
                     report.extracted += 1
             if bar is not None:
-                bar.update(sum(u.duration for u in batch))
+                bar.update(sum(_ms(u) for u in batch))
                 bar.set_postfix_str(f"{report.extracted + len(report.skipped)}/{len(todo)} utt")
     finally:
         # Commit what is buffered even when an error stops us: nothing done is lost.
@@ -224,14 +224,19 @@ def _already_complete(cfg: ExtractConfig, utts: Sequence[Utterance], extra_ids: 
     return all(u.id in done for u in utts) and all(i in done for i in extra_ids)
 
 
+def _ms(u: Utterance) -> int:
+    return round(1000 * u.duration)
+
+
 def _progress(todo: Sequence[Utterance], enabled: bool):  # noqa: ANN202 - tqdm or None
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    # Progress in audio seconds: the rate reads as audio-s/s and the ETA follows the audio left.
-    total = sum(u.duration for u in todo)
-    return tqdm(total=round(total, 1), unit="audio-s", unit_scale=True, desc="extract", dynamic_ncols=True,
+    # Progress in audio seconds, counted in whole milliseconds so that the updates add up to the total exactly
+    # (a rounded float total was overshot: tqdm clamped the bar and showed a negative ETA).
+    return tqdm(total=sum(_ms(u) for u in todo), unit="audio-s", unit_scale=0.001, desc="extract",
+                dynamic_ncols=True,
                 bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
 
