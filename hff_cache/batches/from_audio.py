@@ -14,6 +14,7 @@ import torch
 from hff_cache.batches.common import collate_targets
 from hff_cache.intake.audio import audio_duration
 from hff_cache.intake.manifests import Utterance
+from hff_cache.intake.selection import spread_subset  # noqa: F401  (online set-up imports it from here)
 from hff_cache.model.batch import Batch
 from hff_cache.runtime import distributed
 from hff_cache.runtime.planning import plan_batches
@@ -44,16 +45,6 @@ def utterance_seconds(u: Utterance) -> float:
     if u.samples is not None and u.sample_rate:
         return len(u.samples) / u.sample_rate
     return audio_duration(u.audio)
-
-
-def spread_subset(utts: Sequence[Utterance], n: int | None) -> list[Utterance]:
-    """``n`` utterances evenly spaced in id order (every speaker and chapter keeps its share); all if None."""
-    ordered = sorted(utts, key=lambda u: u.id)
-    if n is None or n >= len(ordered):
-        return ordered
-    if n < 1:
-        raise ValueError(f"need at least one utterance, got {n}")
-    return [ordered[(i * len(ordered)) // n] for i in range(n)]
 
 
 

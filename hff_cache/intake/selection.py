@@ -13,7 +13,7 @@ from typing import Any
 
 from hff_cache.intake.manifests import IntakeError, Utterance, load_intake
 
-__all__ = ["TAKES", "held_out_speakers", "select_utterances"]
+__all__ = ["TAKES", "held_out_speakers", "select_utterances", "spread_subset"]
 
 TAKES = ("all", "holdout", "rest")
 
@@ -41,15 +41,27 @@ def held_out_speakers(utts: Sequence[Utterance], n: int, balance: Sequence[str] 
     return sorted(chosen)
 
 
+def spread_subset(utts: Sequence[Utterance], n: int | None) -> list[Utterance]:
+    """``n`` utterances evenly spaced in id order (every speaker and chapter keeps its share); all if None."""
+    ordered = sorted(utts, key=lambda u: u.id)
+    if n is None or n >= len(ordered):
+        return ordered
+    if n < 1:
+        raise ValueError(f"need at least one utterance, got {n}")
+    return [ordered[(i * len(ordered)) // n] for i in range(n)]
+
+
 def select_utterances(data: str | Path | Sequence[str | Path], speakers: Sequence[str] | None = None,
                       holdout: int = 0, take: str = "all", holdout_speakers: int = 0,
-                      balance: Sequence[str] = (), seed: int = 0) -> list[dict[str, Any]]:
+                      balance: Sequence[str] = (), seed: int = 0, max_utts: int | None = None
+                      ) -> list[dict[str, Any]]:
     """Manifest rows (id, audio, text, duration, metas) from one or more intake sources, filtered.
 
     ``speakers`` keeps those speakers. ``holdout=N`` marks every N-th utterance of each speaker (in id order)
     as held out: a split by utterance with every speaker on both sides (speaker identification).
     ``holdout_speakers=K`` holds out K whole speakers, balanced over ``balance``: a speaker-disjoint split
-    (unseen-speaker validation). ``take`` picks ``all``, ``holdout`` or ``rest``.
+    (unseen-speaker validation). ``take`` picks ``all``, ``holdout`` or ``rest``. ``max_utts`` then keeps that
+    many, evenly spaced in id order (every speaker and corpus keeps its share).
     """
     if take not in TAKES:
         raise ValueError(f"take must be one of {', '.join(TAKES)}, not {take!r}")
@@ -68,16 +80,16 @@ def select_utterances(data: str | Path | Sequence[str | Path], speakers: Sequenc
             raise IntakeError(f"{', '.join(map(str, sources))}: no utterances of speaker(s) {sorted(missing)}")
     held_spk = set(held_out_speakers(utts, holdout_speakers, balance, seed)) if holdout_speakers else set()
     seen: dict[str, int] = {}
-    rows = []
+    rows: list[Utterance] = []
     for u in utts:
         spk = str(u.meta.get("speaker", ""))
         k = seen.get(spk, 0)
         seen[spk] = k + 1
         held = spk in held_spk if holdout_speakers else (holdout >= 2 and k % holdout == holdout - 1)
         if take == "all" or (take == "holdout") == held:
-            rows.append({"id": u.id, "audio": str(Path(u.audio).resolve()), "text": u.text,
-                         "duration": round(u.duration, 4), **u.meta})
-    return rows
+            rows.append(u)
+    return [{"id": u.id, "audio": str(Path(u.audio).resolve()), "text": u.text, "duration": round(u.duration, 4),
+             **u.meta} for u in spread_subset(rows, max_utts)]
 
 
 def _check_unique_ids(utts: Sequence[Utterance], sources: Sequence[str | Path]) -> None:
