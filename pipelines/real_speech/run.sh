@@ -18,8 +18,15 @@
 #   2  phone labels: one phone set across both corpora (MFA TextGrids + speechocean762's own phones,
 #      stress digits stripped, silences dropped).
 #   3  character ASR from the cache: last / weighted / hierarchical / size-matched control, seeds.
-#   4  per-domain evaluation of every finished ASR run (RUN/eval/valid/metrics.json, by corpus).
-#   9  summary table of every run.
+#   4  the other tasks from the same cache: phones (CTC), speaker id (speechocean762's speakers, each
+#      speaker's utterances split 4:1), gender and child/adult (speaker-disjoint: train vs held-out speakers);
+#      fusions last / hierarchical, seeds.
+#   5  the per-layer probe of every task (which layer serves which task).
+#   6  per-domain evaluation of every finished run (RUN/eval/valid/metrics.json, groups by corpus).
+#   7  online methods on tiny.en, all of the training data: hff-frozen, hff-adapters, adapters, bitfit, full.
+#   8  base: online methods on a 1-hour subset, and the cached methods on the same subset (a paired row).
+#   9  Whisper at its 30 s window: extract again with --whisper-window 30s, train last and hierarchical.
+#  10  summary tables and figures (hff-cache summary) into $exp/report/.
 set -euo pipefail
 
 stage=0
@@ -31,6 +38,9 @@ exp="${EXP:-$repo/runs/real_speech}"
 encoders="tiny.en base"
 seeds="0 1"
 epochs=20
+probe_epochs=8
+online_encoder="tiny.en"   # all methods on all the data
+subset_utts=720            # base's online methods: about 1 hour of the training data
 threads=0          # torch threads for training and extraction (0: torch's default)
 extra=()           # after --: passed to every `hff-cache train`
 
@@ -42,9 +52,10 @@ while [ $# -gt 0 ]; do
     --encoders) encoders="$2"; shift 2 ;;
     --seeds) seeds="$2"; shift 2 ;;
     --epochs) epochs="$2"; shift 2 ;;
+    --probe-epochs) probe_epochs="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -88,6 +99,11 @@ if run_stage 0 "manifests"; then
   done
   hff-cache manifest "$m/libri_train.jsonl" "$m/so_rest.jsonl" --out "$m/train.jsonl"
   hff-cache manifest "$m/libri_valid.jsonl" "$m/so_holdout.jsonl" --out "$m/valid.jsonl"
+  # speaker identification: the training speakers' utterances, every 5th held out (both from the train cache)
+  hff-cache manifest "$m/so_rest.jsonl" --holdout 5 --take rest --out "$exp/labels/speaker_train.jsonl"
+  hff-cache manifest "$m/so_rest.jsonl" --holdout 5 --take holdout --out "$exp/labels/speaker_valid.jsonl"
+  # base's online methods: an evenly spaced ~1 hour of the training data (the cached rows use the same ids)
+  hff-cache manifest "$m/train.jsonl" --max-utts "$subset_utts" --out "$m/train_1h.jsonl"
   done_stage 0
 fi
 
@@ -123,18 +139,100 @@ for enc in $encoders; do
 done
 
 for enc in $encoders; do
-  if run_stage 4 "per-domain evaluation ($enc)" "$enc"; then
-    for run in "$exp/$enc"/asr_*; do
-      [ -f "$run/metrics.json" ] || continue
-      hff-cache evaluate "$run" --cache "$exp/caches/$enc/valid.zarr" --group-by corpus --json > /dev/null
+  c="$exp/caches/$enc"
+  if run_stage 4 "phones, speaker, gender, child/adult from the cache ($enc)" "$enc"; then
+    for seed in $seeds; do
+      for fusion in last hierarchical; do
+        common=(--fusion "$fusion" --seed "$seed")
+        train "$enc/phones_$fusion-s$seed" --task phones --labels "$exp/labels/phones.jsonl" \
+          --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" "${common[@]}"
+        train "$enc/speaker_$fusion-s$seed" --task classify:speaker --labels "$exp/labels/speaker_train.jsonl" \
+          --valid-labels "$exp/labels/speaker_valid.jsonl" --cache "$c/train.zarr" --valid-cache "$c/train.zarr" \
+          "${common[@]}"
+        for field in gender age_group; do
+          train "$enc/${field}_$fusion-s$seed" --task "classify:$field" --cache "$c/train.zarr" \
+            --valid-cache "$c/valid.zarr" "${common[@]}"
+        done
+      done
     done
     done_stage 4 "$enc"
   fi
 done
 
-if run_stage 9 "summary"; then
+for enc in $encoders; do
+  c="$exp/caches/$enc"
+  if run_stage 5 "per-layer probe of every task ($enc)" "$enc"; then
+    probe=(--epochs "$probe_epochs" --threads "$threads")
+    hff-cache probe --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" --out "$exp/$enc/probe_asr" "${probe[@]}"
+    hff-cache probe --task phones --labels "$exp/labels/phones.jsonl" --cache "$c/train.zarr" \
+      --valid-cache "$c/valid.zarr" --out "$exp/$enc/probe_phones" "${probe[@]}"
+    hff-cache probe --task classify:speaker --labels "$exp/labels/speaker_train.jsonl" \
+      --valid-labels "$exp/labels/speaker_valid.jsonl" --cache "$c/train.zarr" --valid-cache "$c/train.zarr" \
+      --out "$exp/$enc/probe_speaker" "${probe[@]}"
+    for field in gender age_group; do
+      hff-cache probe --task "classify:$field" --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" \
+        --out "$exp/$enc/probe_$field" "${probe[@]}"
+    done
+    done_stage 5 "$enc"
+  fi
+done
+
+for enc in $encoders; do
+  if run_stage 6 "per-domain evaluation ($enc)" "$enc"; then
+    for run in "$exp/$enc"/{asr,phones}_*/ "$exp/$enc"/online_*/; do
+      [ -f "$run/metrics.json" ] || continue
+      case "$run" in  # online runs read audio, cached runs their validation cache
+        */online_*) hff-cache evaluate "$run" --data "$m/valid.jsonl" --group-by corpus > /dev/null ;;
+        *) hff-cache evaluate "$run" --cache "$exp/caches/$enc/valid.zarr" --group-by corpus > /dev/null ;;
+      esac
+    done
+    done_stage 6 "$enc"
+  fi
+done
+
+online() {  # online ENC RUN TRAIN_MANIFEST [options...]
+  local enc="$1" run="$2" data="$3"; shift 3
+  train "$enc/$run" --online --model "faster-whisper:$enc" --data "$data" --valid-data "$m/valid.jsonl" "$@"
+}
+
+if run_stage 7 "online methods on $online_encoder, all the training data" "$online_encoder"; then
+  for method in hff-frozen hff-adapters adapters bitfit full; do
+    online "$online_encoder" "online_$method-s0" "$m/train.jsonl" --method "$method" --seed 0
+  done
+  done_stage 7 "$online_encoder"
+fi
+
+if run_stage 8 "base on a 1-hour subset: online methods and the paired cached rows" base; then
+  c="$exp/caches/base"
+  for fusion in last hierarchical; do
+    train "base/subset_asr_$fusion-s0" --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" --fusion "$fusion" \
+      --labels "$m/train_1h.jsonl" --valid-labels "$m/valid.jsonl" --seed 0  # the subset's ids and texts
+  done
+  for method in hff-frozen hff-adapters adapters bitfit full; do
+    online base "subset_online_$method-s0" "$m/train_1h.jsonl" --method "$method" --seed 0
+  done
+  done_stage 8 base
+fi
+
+for enc in $encoders; do
+  if run_stage 9 "Whisper on its 30 s window ($enc)" "$enc"; then
+    c30="$exp/caches/$enc-30s"
+    for split in train valid; do
+      hff-cache extract --model "faster-whisper:$enc" --whisper-window 30s --data "$m/$split.jsonl" \
+        --out "$c30/$split.zarr" --no-progress
+    done
+    for fusion in last hierarchical; do
+      train "$enc/window30s_asr_$fusion-s0" --cache "$c30/train.zarr" --valid-cache "$c30/valid.zarr" \
+        --fusion "$fusion" --seed 0
+    done
+    done_stage 9 "$enc"
+  fi
+done
+
+if run_stage 10 "summary tables and figures"; then
+  mkdir -p "$exp/report"
   for enc in $encoders; do
     [ -d "$exp/$enc" ] || continue
-    hff-cache summary --markdown "$exp/$enc"/*/ | tee "$exp/summary_$enc.md"
+    hff-cache summary --markdown "$exp/$enc"/*/ | tee "$exp/report/summary_$enc.md"
   done
 fi
