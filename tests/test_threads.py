@@ -54,3 +54,20 @@ def test_set_threads_uses_the_request_or_the_usable_count() -> None:
         assert set_threads(0) == usable_cpus() == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_load_watch_reports_the_load_it_saw(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hff_cache.runtime import threads
+
+    loads = iter([0.4, 0.5, 9.0, 9.0, 9.0])
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (next(loads, 9.0), 0.0, 0.0))
+    with threads.LoadWatch(every=0.01, own=1) as watch:
+        import time
+
+        time.sleep(0.1)
+    s = watch.summary()
+    assert s["load_min"] == 0.4 and s["load_max"] == 9.0 and s["loaded"] is True
+    assert "LOADED" in watch.line()
+    quiet = threads.LoadWatch(own=2)
+    quiet.samples = [0.9, 1.2]
+    assert not quiet.loaded and quiet.line().endswith("quiet")

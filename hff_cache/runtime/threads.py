@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["cgroup_cpu_limit", "set_threads", "usable_cpus"]
+__all__ = ["LoadWatch", "cgroup_cpu_limit", "set_threads", "usable_cpus"]
 
 _CGROUP = Path("/sys/fs/cgroup")
 
@@ -51,3 +51,51 @@ def set_threads(requested: int = 0) -> int:
     n = requested if requested > 0 else usable_cpus()
     torch.set_num_threads(n)
     return n
+
+
+class LoadWatch:
+    """Samples the machine's 1-minute load average while a measurement runs (a daemon thread, every few
+    seconds), so a benchmark can print beside its timings whether other jobs shared the cores.
+
+    ``loaded`` when the highest load seen exceeds the usable CPUs by more than ``own`` (the load the
+    measurement itself adds, default one process per usable CPU minus slack): then the timings mean little.
+    """
+
+    def __init__(self, every: float = 5.0, own: float | None = None) -> None:
+        import threading
+
+        self.cpus = usable_cpus()
+        self.own = self.cpus if own is None else own
+        self.samples: list[float] = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True, name="hff-loadwatch")
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    @property
+    def loaded(self) -> bool:
+        return max(self.samples) > self.own + 0.5
+
+    def summary(self) -> dict[str, float | int | bool]:
+        import torch
+
+        return {"load_min": round(min(self.samples), 2), "load_max": round(max(self.samples), 2),
+                "usable_cpus": self.cpus, "torch_threads": torch.get_num_threads(), "loaded": self.loaded}
+
+    def line(self) -> str:
+        s = self.summary()
+        verdict = ("LOADED: other jobs shared the cores, so these timings are not comparable; rerun on a quiet "
+                   "machine" if s["loaded"] else "quiet")
+        return (f"machine: load average {s['load_min']}-{s['load_max']} on {s['usable_cpus']} usable CPUs, "
+                f"torch threads {s['torch_threads']}: {verdict}")
