@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hff_cache.runtime.threads import LoadWatch, warn_if_loaded
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"asr": [], "phones": ["--task", "phones", "--labels"], "speaker": ["--task", "classify:speaker"]}
 
@@ -42,8 +44,8 @@ def run(cmd: list[str], log: Path) -> float:
 
 def subset(src: Path, dst: Path, n: int) -> None:
     """``n`` utterances of manifest ``src``, evenly spaced in id order (as `train --max-train-utts`)."""
-    from hff_cache.batches.from_audio import spread_subset
     from hff_cache.intake.manifests import load_intake
+    from hff_cache.intake.selection import spread_subset
 
     keep = {u.id for u in spread_subset(load_intake(str(src)), n)}
     rows = [json.loads(line) for line in src.open()]
@@ -67,6 +69,7 @@ def main() -> None:
     p.add_argument("--doc", default=str(ROOT / "docs" / "results" / "amortisation.md"))
     p.add_argument("--img", default=str(ROOT / "docs" / "img" / "amortisation.png"))
     a = p.parse_args()
+    warn_if_loaded()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
@@ -82,33 +85,36 @@ def main() -> None:
               "--fusion", "hierarchical", "--force"]
     tasks = {t: [*f, str(labels)] if f and f[-1] == "--labels" else f for t, f in TASKS.items()}
 
-    times: dict[str, Any] = {"extract": 0.0, "cached": {}, "online": {}}
-    for split in ("train", "valid"):
-        shutil.rmtree(work / f"{split}.zarr", ignore_errors=True)  # a finished cache would be a no-op
-        times["extract"] += run([*cli, "extract", "--model", a.model, "--data", str(work / f"{split}.jsonl"),
-                                 "--out", str(work / f"{split}.zarr"), "--no-progress"], log)
-    scores: dict[str, dict[str, str]] = {"cached": {}, "online": {}}
-    for task, flags in tasks.items():
-        out = work / f"cached-{task}"
-        times["cached"][task] = run([*cli, "train", "--cache", str(work / "train.zarr"), "--valid-cache",
-                                     str(work / "valid.zarr"), "--out", str(out), "--batch-frames", "1000",
-                                     *flags, *recipe], log)
-        scores["cached"][task] = score(out)
-    for task, flags in tasks.items():
-        out = work / f"online-{task}"
-        times["online"][task] = run([*cli, "train", "--online", "--model", a.model, "--method", "hff-frozen",
-                                     "--data", str(work / "train.jsonl"), "--valid-data", str(work / "valid.jsonl"),
-                                     "--out", str(out), "--batch-seconds", "20", *flags, *recipe], log)
-        scores["online"][task] = score(out)
-    (work / "times.json").write_text(json.dumps({"times": times, "scores": scores}, indent=2))
-    md = render(times, scores, a, "python benchmarks/amortisation.py " + " ".join(sys.argv[1:]))
+    with LoadWatch() as watch:  # every timed CLI call: extraction, then each task cached and online
+        times: dict[str, Any] = {"extract": 0.0, "cached": {}, "online": {}}
+        for split in ("train", "valid"):
+            shutil.rmtree(work / f"{split}.zarr", ignore_errors=True)  # a finished cache would be a no-op
+            times["extract"] += run([*cli, "extract", "--model", a.model, "--data", str(work / f"{split}.jsonl"),
+                                     "--out", str(work / f"{split}.zarr"), "--no-progress"], log)
+        scores: dict[str, dict[str, str]] = {"cached": {}, "online": {}}
+        for task, flags in tasks.items():
+            out = work / f"cached-{task}"
+            times["cached"][task] = run([*cli, "train", "--cache", str(work / "train.zarr"), "--valid-cache",
+                                         str(work / "valid.zarr"), "--out", str(out), "--batch-frames", "1000",
+                                         *flags, *recipe], log)
+            scores["cached"][task] = score(out)
+        for task, flags in tasks.items():
+            out = work / f"online-{task}"
+            times["online"][task] = run([*cli, "train", "--online", "--model", a.model, "--method", "hff-frozen",
+                                         "--data", str(work / "train.jsonl"), "--valid-data", str(work / "valid.jsonl"),
+                                         "--out", str(out), "--batch-seconds", "20", *flags, *recipe], log)
+            scores["online"][task] = score(out)
+    machine = {**watch.summary(), "line": watch.line()}
+    (work / "times.json").write_text(json.dumps({"times": times, "scores": scores, "machine": machine}, indent=2))
+    md = render(times, scores, a, "python benchmarks/amortisation.py " + " ".join(sys.argv[1:]), machine["line"])
     Path(a.doc).parent.mkdir(parents=True, exist_ok=True)
     Path(a.doc).write_text(md)
     plot(times, a.img)
     print(md)
 
 
-def render(times: dict[str, Any], scores: dict[str, dict[str, str]], a: argparse.Namespace, cmd: str) -> str:
+def render(times: dict[str, Any], scores: dict[str, dict[str, str]], a: argparse.Namespace, cmd: str,
+           machine: str) -> str:
     ext, cached, online = times["extract"], times["cached"], times["online"]
     total_c, total_o = ext + sum(cached.values()), sum(online.values())
     n = len(cached)
@@ -124,7 +130,7 @@ def render(times: dict[str, Any], scores: dict[str, dict[str, str]], a: argparse
         lines.append(f"| {task} | {cached[task]:.0f} | {online[task]:.0f} | {scores['cached'][task]} | "
                      f"{scores['online'][task]} |")
     lines += [f"| extraction (once, train + valid) | {ext:.0f} | - | | |",
-              f"| **total, {n} tasks** | **{total_c:.0f}** | **{total_o:.0f}** | | |", "",
+              f"| **total, {n} tasks** | **{total_c:.0f}** | **{total_o:.0f}** | | |", "", machine, "",
               f"{n} tasks online take **{total_o / total_c:.2f}x** the time of {n} tasks from one cache. Per task: "
               f"{per_c:.0f} s cached vs {per_o:.0f} s online ({per_o / per_c:.1f}x); the extraction "
               f"({ext:.0f} s) is paid back after {ext / max(per_o - per_c, 1e-9):.1f} tasks at these epochs, and "

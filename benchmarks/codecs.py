@@ -25,6 +25,7 @@ import numpy as np
 from hff_cache.cache import CacheReader, CacheWriter, CodecSpec, get_codec
 from hff_cache.config import TrainConfig
 from hff_cache.model.fusion import FusionConfig
+from hff_cache.runtime.threads import LoadWatch, warn_if_loaded
 from hff_cache.training.cached import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,53 +78,55 @@ def main() -> None:
     p.add_argument("--doc", default=str(ROOT / "docs" / "results" / "codecs.md"))
     p.add_argument("--img", default=str(ROOT / "docs" / "img" / "codecs.png"))
     a = p.parse_args()
+    warn_if_loaded()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     ref_train, ref_valid = CacheReader(a.train_cache), CacheReader(a.valid_cache)
     rows: list[dict[str, Any]] = []
     seeds = [int(x) for x in a.seeds.split(",")]
-    for codec in a.codecs.split(","):
-        t0 = time.perf_counter()
-        if codec == ref_train.meta.codec.name:
-            tr, va = a.train_cache, a.valid_cache
-        else:
-            tr = transcode(a.train_cache, work / f"{codec}-train.zarr", codec)
-            va = transcode(a.valid_cache, work / f"{codec}-valid.zarr", codec)
-        t_code = time.perf_counter() - t0
-        info = CacheReader(tr).info()
-        err = ln_error(ref_valid, CacheReader(va))
-        # Same recipe for every codec (the demo's: short, higher LR, small batches); paired seeds.
-        wers, cers = [], []
-        for seed in seeds:
-            out = work / (f"run-{codec}" if seed == 0 else f"run-{codec}-s{seed}")
-            if (out / "metrics.json").exists():  # a finished run of this recipe: reuse it
-                m = json.loads((out / "metrics.json").read_text())
+    with LoadWatch() as watch:  # transcoding and training, every codec
+        for codec in a.codecs.split(","):
+            t0 = time.perf_counter()
+            if codec == ref_train.meta.codec.name:
+                tr, va = a.train_cache, a.valid_cache
             else:
-                cfg = TrainConfig(cache=tr, valid_cache=va, out=str(out), task="asr",
-                                  fusion=FusionConfig(kind=a.fusion), epochs=a.epochs, lr=a.lr, batch_frames=5000,
-                                  max_batch_utts=32, warmup_steps=10, seed=seed, force=True)
-                print(f"--- {codec} seed {seed}: training {cfg.out}", file=sys.stderr, flush=True)
-                m = train(cfg)
-            wers.append(m["wer"])
-            cers.append(m["cer"])
-        rows.append({"codec": codec, "params": info["codec"]["params"],
-                     "nominal_bpv": get_codec(codec).bytes_per_value, "disk_bpv": info["bytes_per_value"],
-                     "mib": info["bytes"] / 2**20, "wers": wers, "wer": float(np.mean(wers)),
-                     "cer": float(np.mean(cers)), "ln_mse": err, "transcode_s": t_code})
-        print(json.dumps(rows[-1]), flush=True)
+                tr = transcode(a.train_cache, work / f"{codec}-train.zarr", codec)
+                va = transcode(a.valid_cache, work / f"{codec}-valid.zarr", codec)
+            t_code = time.perf_counter() - t0
+            info = CacheReader(tr).info()
+            err = ln_error(ref_valid, CacheReader(va))
+            # Same recipe for every codec (the demo's: short, higher LR, small batches); paired seeds.
+            wers, cers = [], []
+            for seed in seeds:
+                out = work / (f"run-{codec}" if seed == 0 else f"run-{codec}-s{seed}")
+                if (out / "metrics.json").exists():  # a finished run of this recipe: reuse it
+                    m = json.loads((out / "metrics.json").read_text())
+                else:
+                    cfg = TrainConfig(cache=tr, valid_cache=va, out=str(out), task="asr",
+                                      fusion=FusionConfig(kind=a.fusion), epochs=a.epochs, lr=a.lr, batch_frames=5000,
+                                      max_batch_utts=32, warmup_steps=10, seed=seed, force=True)
+                    print(f"--- {codec} seed {seed}: training {cfg.out}", file=sys.stderr, flush=True)
+                    m = train(cfg)
+                wers.append(m["wer"])
+                cers.append(m["cer"])
+            rows.append({"codec": codec, "params": info["codec"]["params"],
+                         "nominal_bpv": get_codec(codec).bytes_per_value, "disk_bpv": info["bytes_per_value"],
+                         "mib": info["bytes"] / 2**20, "wers": wers, "wer": float(np.mean(wers)),
+                         "cer": float(np.mean(cers)), "ln_mse": err, "transcode_s": t_code})
+            print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["codec"] == "fp16"), rows[0])
     for r in rows:  # paired by seed: the same seed gives every codec the same weights, batches and masks
         r["dwers"] = [w - b for w, b in zip(r["wers"], base["wers"], strict=True)]
         r["dwer"] = float(np.mean(r["dwers"]))
     cmd = "python benchmarks/codecs.py " + " ".join(sys.argv[1:])
-    md = render(rows, a, cmd, ref_train)
+    md = render(rows, a, cmd, ref_train, watch.line())
     Path(a.doc).parent.mkdir(parents=True, exist_ok=True)
     Path(a.doc).write_text(md)
     plot(rows, a.img)
     print(md)
 
 
-def render(rows: list[dict[str, Any]], a: argparse.Namespace, cmd: str, ref: CacheReader) -> str:
+def render(rows: list[dict[str, Any]], a: argparse.Namespace, cmd: str, ref: CacheReader, machine: str) -> str:
     layers = ref.meta.layers
     lines = [
         "## Cache codecs: size versus accuracy", "",
@@ -144,7 +147,7 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace, cmd: str, ref: Cac
                      f"{r['wer']:.2f} | {' '.join(f'{w:.1f}' for w in r['wers'])} | {r['cer']:.1f} | "
                      f"{r['dwer']:+.2f} | "
                      + " ".join(f"{e:.3f}" for e in r["ln_mse"]) + " |")
-    lines += ["", "![bytes per value versus WER](../img/codecs.png)", ""]
+    lines += ["", machine, "", "![bytes per value versus WER](../img/codecs.png)", ""]
     return "\n".join(lines)
 
 

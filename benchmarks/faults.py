@@ -37,6 +37,7 @@ import numpy as np
 from hff_cache.cache import CacheReader
 from hff_cache.cache.verify import verify_cache
 from hff_cache.intake.manifests import load_intake
+from hff_cache.runtime.threads import LoadWatch, usable_cpus, warn_if_loaded
 from hff_cache.testing import parts_on_disk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,6 +302,7 @@ def main() -> int:
     ap.add_argument("--report", default=str(ROOT / "docs" / "results" / "faults.md"))
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
+    warn_if_loaded()
 
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hff-faults-"))
@@ -313,38 +315,41 @@ def main() -> int:
                 "--part-frames", str(args.part_frames), "--batch-seconds", str(args.batch_seconds),
                 "--device", "cpu", *extra]
 
-    t0 = time.perf_counter()
-    ref_path = work / "reference.zarr"
-    reused = ref_path.exists()
-    if not reused:
-        subprocess.run(extract_cmd(ref_path), check=True, capture_output=True)
-    ref = CacheReader(str(ref_path))
-    ref_note = "reused" if reused else f"{time.perf_counter() - t0:.0f} s"
-    print(f"{args.model} on {len(ref)} utterances ({ref.num_samples.sum() / 16000 / 60:.1f} min) from {args.data}; "
-          f"{len(ref.parts())} parts of <= {args.part_frames} frames; uninterrupted run {ref_note}", flush=True)
+    # the uninterrupted reference run and every scenario; up to 3 extractions run at once (shards)
+    with LoadWatch(own=3 * usable_cpus()) as watch:
+        t0 = time.perf_counter()
+        ref_path = work / "reference.zarr"
+        reused = ref_path.exists()
+        if not reused:
+            subprocess.run(extract_cmd(ref_path), check=True, capture_output=True)
+        ref = CacheReader(str(ref_path))
+        ref_note = "reused" if reused else f"{time.perf_counter() - t0:.0f} s"
+        print(f"{args.model} on {len(ref)} utterances ({ref.num_samples.sum() / 16000 / 60:.1f} min) from {args.data}; "
+              f"{len(ref.parts())} parts of <= {args.part_frames} frames; uninterrupted run {ref_note}", flush=True)
 
-    results: dict[str, Any] = {"model": args.model, "utterances": len(ref), "parts": len(ref.parts()),
-                               "part_frames": args.part_frames, "seed": args.seed}
-    try:
-        if "kill" in scenarios:
-            print(f"kill: SIGKILL x{args.kills}, each followed by a resume", flush=True)
-            results["kill"] = scenario_kill(args, extract_cmd, ref, work, rng)
-        if "race" in scenarios:
-            print("race: the same extraction twice at once", flush=True)
-            results["race"] = scenario_race(args, extract_cmd, ref, work)
-        if "shards" in scenarios:
-            print("shards: three workers at once", flush=True)
-            results["shards"] = scenario_shards(extract_cmd, ref, work)
-        if "disk" in scenarios:
-            print("disk: a tmpfs smaller than the cache", flush=True)
-            results["disk"] = scenario_disk(extract_cmd, ref, ref_path, work)
-        if "train" in scenarios:
-            print("train: SIGKILL after random checkpoints, --resume", flush=True)
-            results["train"] = scenario_train(args, ref_path, work, rng)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+        results: dict[str, Any] = {"model": args.model, "utterances": len(ref), "parts": len(ref.parts()),
+                                   "part_frames": args.part_frames, "seed": args.seed}
+        try:
+            if "kill" in scenarios:
+                print(f"kill: SIGKILL x{args.kills}, each followed by a resume", flush=True)
+                results["kill"] = scenario_kill(args, extract_cmd, ref, work, rng)
+            if "race" in scenarios:
+                print("race: the same extraction twice at once", flush=True)
+                results["race"] = scenario_race(args, extract_cmd, ref, work)
+            if "shards" in scenarios:
+                print("shards: three workers at once", flush=True)
+                results["shards"] = scenario_shards(extract_cmd, ref, work)
+            if "disk" in scenarios:
+                print("disk: a tmpfs smaller than the cache", flush=True)
+                results["disk"] = scenario_disk(extract_cmd, ref, ref_path, work)
+            if "train" in scenarios:
+                print("train: SIGKILL after random checkpoints, --resume", flush=True)
+                results["train"] = scenario_train(args, ref_path, work, rng)
+        finally:
+            if not args.workdir:
+                shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = time.perf_counter() - t0
+    results["machine"], results["machine_line"] = watch.summary(), watch.line()
 
     bad = _summary(results)
     if args.json_out:
@@ -377,6 +382,7 @@ def _summary(r: dict[str, Any]) -> bool:
                      f"(uninterrupted {t['steps_uninterrupted']}), max |weight diff| {t['max_weight_diff']:.2e}")
         bad |= t["steps_resumed"] != t["steps_uninterrupted"] or t["max_weight_diff"] > 1e-5
     print("\n== summary ==\n" + "\n".join(lines) + f"\n{'FAILED' if bad else 'PASSED'} in {r['seconds']:.0f} s")
+    print(r["machine_line"])
     return bad
 
 
@@ -411,6 +417,7 @@ def _write_report(path: Path, r: dict[str, Any], command: str) -> None:
         out.append(f"| training SIGKILL + --resume | {t['runs_killed']} kills; {t['steps_resumed']} steps "
                    f"(uninterrupted {t['steps_uninterrupted']}); epochs logged {t['epochs_logged']}; max weight "
                    f"diff {t['max_weight_diff']:.1e}, max Adam moment diff {t['max_adam_moment_diff']:.1e} |")
+    out += ["", r["machine_line"]]
     path.write_text("\n".join(out) + "\n")
     print(f"wrote {path}")
 

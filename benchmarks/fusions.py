@@ -24,6 +24,7 @@ from typing import Any
 
 from hff_cache.config import TrainConfig
 from hff_cache.model.fusion import FusionConfig
+from hff_cache.runtime.threads import LoadWatch, warn_if_loaded
 from hff_cache.training.cached import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,11 @@ def run_one(name: str, seed: int, a: argparse.Namespace) -> None:
                       fusion=FusionConfig(**FUSIONS[name]), epochs=a.epochs, lr=a.lr, batch_frames=a.batch_frames,
                       max_batch_utts=32, warmup_steps=10, seed=seed, force=True)
     print(f"--- {name} seed {seed}: {out}", file=sys.stderr, flush=True)
-    train(cfg)
+    with LoadWatch() as watch:
+        train(cfg)
+    # stored beside metrics.json, so that --report shows the machine each run was measured on
+    (out / "machine.json").write_text(json.dumps({**watch.summary(), "line": watch.line()}, indent=2))
+    print(f"--- {name} seed {seed}: {watch.line()}", file=sys.stderr, flush=True)
 
 
 def collect(work: Path) -> dict[str, list[dict[str, Any]]]:
@@ -66,6 +71,31 @@ def collect(work: Path) -> dict[str, list[dict[str, Any]]]:
             runs.setdefault(name, []).append(m)
         runs.get(name, []).sort(key=lambda m: m["seed"])
     return runs
+
+
+def machine_note(work: Path, runs: dict[str, list[dict[str, Any]]]) -> str:
+    """The machine records stored with the pooled runs (machine.json): the load range, and which runs were
+    LOADED or have no record."""
+    names = [f"{name}-s{m['seed']}" for name, ms in runs.items() for m in ms]
+    stored = {n: json.loads((work / n / "machine.json").read_text()) for n in names
+              if (work / n / "machine.json").exists()}
+    if not stored:
+        return "machine: not recorded with these runs (no machine.json beside their metrics.json)"
+    s = list(stored.values())
+    loaded = [n for n, x in stored.items() if x["loaded"]]
+    missing = [n for n in names if n not in stored]
+
+    def each(key: str) -> str:
+        return "/".join(str(v) for v in sorted({x[key] for x in s}))
+
+    note = (f"machine, as stored with each run: load average {min(x['load_min'] for x in s)}-"
+            f"{max(x['load_max'] for x in s)} on {each('usable_cpus')} usable CPUs, torch threads "
+            f"{each('torch_threads')}: {len(s) - len(loaded)} of {len(s)} recorded runs quiet")
+    if loaded:
+        note += f"; LOADED (their epoch times are not comparable): {', '.join(loaded)}"
+    if missing:
+        note += f"; not recorded: {', '.join(missing)}"
+    return note
 
 
 def _ms(xs: list[float]) -> str:
@@ -95,6 +125,7 @@ def report(a: argparse.Namespace) -> str:
                      + " ".join(f"{w:.1f}" for w in wers)
                      + f" | {paired} | {ms[0]['trainable_params']:,} | "
                      f"{statistics.mean(m['epoch_seconds'] for m in ms):.0f} |")
+    lines += ["", machine_note(Path(a.work), runs)]
     if a.probe_csv and Path(a.probe_csv).exists():
         rows = list(csv.DictReader(open(a.probe_csv)))
         best = min(rows, key=lambda r: float(r["wer"]))
@@ -137,6 +168,7 @@ def main() -> None:
     if not a.report:
         if not (a.train_cache and a.valid_cache):
             p.error("--train-cache and --valid-cache are needed to train (or use --report)")
+        warn_if_loaded()
         for seed in (int(s) for s in a.seeds.split(",")):
             for name in a.fusions.split(","):
                 run_one(name, seed, a)

@@ -24,6 +24,7 @@ from hff_cache.batches.from_cache import CacheBatches
 from hff_cache.cache import CacheReader
 from hff_cache.model.augment import SpecAugment
 from hff_cache.model.hff import HFFModel, ModelSpec
+from hff_cache.runtime.threads import LoadWatch, warn_if_loaded
 from hff_cache.tasks.task import Task
 
 
@@ -82,6 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    warn_if_loaded()
     tmp = None
     cache = args.cache
     if cache is None or not Path(cache).exists():
@@ -98,11 +100,13 @@ def main() -> None:
     results: dict = {"cache": cache, "frames": int(sum(reader.lengths[data.indices])),
                      "layers": len(reader.meta.layers), "hidden_size": reader.meta.encoder.hidden_size,
                      "codec": info["codec"]["name"], "torch_threads": torch.get_num_threads()}
-    stream = CacheBatches(reader, data, in_memory=False, **common)
-    results["stream_fps"], _ = loader_rate(stream, args.epochs)
-    memory = CacheBatches(reader, data, in_memory=True, **common)
-    results["memory_fps"], results["memory_load_s"] = loader_rate(memory, args.epochs)
-    results["step_fps"], results["step_ms"], results["params"] = step_rate(memory, task, args.steps)
+    with LoadWatch() as watch:
+        stream = CacheBatches(reader, data, in_memory=False, **common)
+        results["stream_fps"], _ = loader_rate(stream, args.epochs)
+        memory = CacheBatches(reader, data, in_memory=True, **common)
+        results["memory_fps"], results["memory_load_s"] = loader_rate(memory, args.epochs)
+        results["step_fps"], results["step_ms"], results["params"] = step_rate(memory, task, args.steps)
+    results["machine"], results["machine_line"] = watch.summary(), watch.line()
     results["stream_ratio"] = results["stream_fps"] / results["step_fps"]
     results["memory_ratio"] = results["memory_fps"] / results["step_fps"]
     print(f"cache {cache}: {results['frames']} frames x {results['layers']} layers x {results['hidden_size']} "
@@ -113,6 +117,7 @@ def main() -> None:
           f"{results['step_fps']:12,.0f} frames/s")
     print(f"  ratio loader/step: streaming {results['stream_ratio']:.1f}x, in memory {results['memory_ratio']:.1f}x "
           "(goal >= 5x)")
+    print(f"  {results['machine_line']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if tmp is not None:

@@ -20,8 +20,8 @@ hff-cache manifest "$DATA" --speakers 4088,4406 -o "$OUT/train_all.jsonl"
 hff-cache manifest "$DATA" --speakers 5652 -o "$OUT/valid_all.jsonl"
 python - "$OUT" "$NTRAIN" "$NVALID" <<'PY'
 import json, sys
-from hff_cache.data import load_intake
-from hff_cache.online import spread_subset
+from hff_cache.intake.manifests import load_intake
+from hff_cache.intake.selection import spread_subset
 out, n = sys.argv[1], {"train": int(sys.argv[2]), "valid": int(sys.argv[3])}
 for split in ("train", "valid"):
     rows = [json.loads(line) for line in open(f"{out}/{split}_all.jsonl")]

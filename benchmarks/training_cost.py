@@ -2,7 +2,7 @@
 
 For each encoder (faster-whisper:base; a random-weight wav2vec2-large-shaped model) and each method, a fresh
 subprocess works on the same evenly spaced subset of utterances:
-- online ``hff-frozen``, ``hff-adapters``, ``adapters``, ``bitfit``, ``full``: ``online.prepare_online``,
+- online ``hff-frozen``, ``hff-adapters``, ``adapters``, ``bitfit``, ``full``: ``training.online.prepare_online``,
   the first ``--steps`` + 1 batches of epoch 0, full training steps (forward, CTC loss, backward, AdamW)
   timed after one warm-up; epoch seconds = mean step x batches per epoch (extrapolated);
 - cached ``hierarchical``: the subset extracted once with the same encoder (timed), then, in a process
@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from hff_cache.runtime.threads import LoadWatch, warn_if_loaded
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("cached-hierarchical", "hff-frozen", "hff-adapters", "adapters", "bitfit", "full")
@@ -209,22 +211,28 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(*a.child, a.data, a.steps, a.batch_seconds, a.utts, a.work)))
         return
-    if a.render_from:  # re-render the table from the JSON lines a run printed
-        lines = Path(a.render_from).read_text().splitlines()
-        return finish(with_extraction([json.loads(x) for x in lines if x.startswith("{")]), a)
+    if a.render_from:  # re-render the table from the JSON lines a run printed, its machine line included
+        printed = [json.loads(x) for x in Path(a.render_from).read_text().splitlines() if x.startswith("{")]
+        machine = next((r["machine"]["line"] for r in printed if "machine" in r),
+                       "machine: not recorded in this log (no `machine` line)")
+        return finish(with_extraction([r for r in printed if "method" in r]), a, machine)
+    warn_if_loaded()
     printed = []
-    for enc in a.encoders.split(","):
-        for m in a.methods.split(","):
-            for sub in (["cached-extract", m] if m.startswith("cached") else [m]):
-                cmd = [sys.executable, __file__, "--data", a.data, "--steps", str(a.steps), "--batch-seconds",
-                       str(a.batch_seconds), "--utts", str(a.utts), "--work", a.work, "--child", enc, sub]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:
-                    print(f"{enc} {sub} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                    break
-                printed.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(json.dumps(printed[-1]), flush=True)
-    finish(with_extraction(printed), a)
+    with LoadWatch() as watch:  # every child process, one after another
+        for enc in a.encoders.split(","):
+            for m in a.methods.split(","):
+                for sub in (["cached-extract", m] if m.startswith("cached") else [m]):
+                    cmd = [sys.executable, __file__, "--data", a.data, "--steps", str(a.steps), "--batch-seconds",
+                           str(a.batch_seconds), "--utts", str(a.utts), "--work", a.work, "--child", enc, sub]
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        print(f"{enc} {sub} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                        break
+                    printed.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    print(json.dumps(printed[-1]), flush=True)
+    machine = {**watch.summary(), "line": watch.line()}
+    print(json.dumps({"machine": machine}), flush=True)  # in the log too, for --render-from
+    finish(with_extraction(printed), a, machine["line"])
 
 
 def with_extraction(printed: list[dict]) -> list[dict]:
@@ -240,17 +248,17 @@ def with_extraction(printed: list[dict]) -> list[dict]:
     return rows
 
 
-def finish(rows: list[dict], a: argparse.Namespace) -> None:
+def finish(rows: list[dict], a: argparse.Namespace, machine: str) -> None:
     # the command that reproduces the numbers: without --render-from and its value
     argv = [x for i, x in enumerate(sys.argv[1:]) if "--render-from" not in (x, sys.argv[i])]
-    md = render(rows, "python benchmarks/training_cost.py " + " ".join(argv), a)
+    md = render(rows, "python benchmarks/training_cost.py " + " ".join(argv), a, machine)
     Path(a.doc).parent.mkdir(parents=True, exist_ok=True)
     Path(a.doc).write_text(md)
     plot(rows, a.img)
     print(md)
 
 
-def render(rows: list[dict], cmd: str, a: argparse.Namespace) -> str:
+def render(rows: list[dict], cmd: str, a: argparse.Namespace, machine: str) -> str:
     lines = ["## Training cost: cached versus online", "", f"`{cmd}`", "",
              f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, no GPU. The same {a.utts} utterances "
              f"for every method, batches of <= {a.batch_seconds:.0f} s of padded audio. Online methods: "
@@ -283,7 +291,7 @@ def render(rows: list[dict], cmd: str, a: argparse.Namespace) -> str:
             lines[-1] += (f". One encoder pass over the epoch (extraction) {base['extract_s']:.1f} s, so the bound "
                           f"for `hff-frozen` is **{bound:.1f}x**.")
             lines.append("")
-    lines += ["![epoch time per method](../img/training_cost.png)", ""]
+    lines += [machine, "", "![epoch time per method](../img/training_cost.png)", ""]
     return "\n".join(lines)
 
 

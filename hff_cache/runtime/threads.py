@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["LoadWatch", "cgroup_cpu_limit", "set_threads", "usable_cpus"]
+__all__ = ["LoadWatch", "cgroup_cpu_limit", "set_threads", "usable_cpus", "warn_if_loaded"]
 
 _CGROUP = Path("/sys/fs/cgroup")
 
@@ -99,3 +101,15 @@ class LoadWatch:
                    "machine" if s["loaded"] else "quiet")
         return (f"machine: load average {s['load_min']}-{s['load_max']} on {s['usable_cpus']} usable CPUs, "
                 f"torch threads {s['torch_threads']}: {verdict}")
+
+
+def warn_if_loaded(log: Callable[[str], object] | None = None) -> bool:
+    """Before a benchmark measures: warn (on stderr unless ``log`` is given) when the 1-minute load average
+    is already at least half the usable CPUs, i.e. other jobs share the cores. Returns whether it warned."""
+    load, cpus = os.getloadavg()[0], usable_cpus()
+    if load < cpus / 2:
+        return False
+    message = (f"warning: load average {load:.2f} on {cpus} usable CPUs before measuring: other jobs share the "
+               "cores, so the timings will not be comparable; rerun on a quiet machine")
+    (log or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
+    return True
