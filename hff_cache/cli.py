@@ -1,13 +1,33 @@
-"""The `hff-cache` command line: thin wrappers that parse, call the library and print."""
+"""The `hff-cache` command line: thin wrappers that parse, call the library and print.
+
+The options of `extract`, `train`, `probe` and `demo` are derived from their config dataclasses (field name ->
+--kebab-case flag, type, default and help), so every default and help string lives in one place
+(hff_cache/config.py, FusionConfig, DemoConfig); `Flag` records where a command line differs from a field.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import sys
+import typing
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import typer
 
-from hff_cache.config import ExtractConfig, TrainConfig, parse_layers
+from hff_cache.config import (
+    TRANSCRIBE_BATCH_SECONDS,
+    ExtractConfig,
+    TrainConfig,
+    parse_layers,
+    parse_option_value,
+    train_config,
+)
+from hff_cache.demo import DemoConfig
+from hff_cache.training.online import ENCODER_LR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Extract a frozen speech encoder once into a Zarr feature cache; train layer fusion "
@@ -30,36 +50,128 @@ def _storage_options(values: list[str]) -> dict:
     opts: dict = {}
     for kv in values:
         key, _, value = kv.partition("=")
-        try:  # JSON values (numbers, true/false, objects); anything else is a string (key=testing)
-            opts[key] = json.loads(value) if value[:1] in '{["-0123456789tfn' else value
-        except ValueError:
-            opts[key] = value
+        opts[key] = parse_option_value(value)  # JSON values (numbers, true/false, objects), else a string
     return opts
 
 
+# --- options derived from the config dataclasses --------------------------------------------------------------
+
+_FROM_FIELD: Any = object()  # Flag.default: the field's own default
+
+
+# NamedTuples, not dataclasses: `typer ... utils docs` loads this module outside sys.modules, where a dataclass
+# with string annotations cannot be built.
+class Flag(NamedTuple):
+    """How a config field appears on a command line where that differs from the plain derivation."""
+
+    decls: tuple[str, ...] = ()  # option names (default: --kebab-case of the field name)
+    cli_type: Any = None  # what is typed, when it is not the field's type; `parse` turns it into the field's
+    parse: Callable[[Any], Any] | None = None
+    default: Any = _FROM_FIELD  # the command's own default (... = required)
+    help: str | None = None  # the command's own help (default: the field's metadata["help"])
+    hidden: bool = False
+
+
+class ConfigOption(NamedTuple):
+    """One typer option and the config key its value goes to (("epochs",) or ("fusion", "width"))."""
+
+    key: tuple[str, ...]
+    parameter: inspect.Parameter
+    parse: Callable[[Any], Any]
+
+
+def config_options(cls: type, flags: Mapping[str, Flag] | None = None, only: Sequence[str] | None = None,
+                   within: tuple[str, ...] = ()) -> list[ConfigOption]:
+    """One option per field of ``cls`` in field order, a nested config's fields included (fusion.width is
+    --width); ``flags`` and ``only`` name fields by dotted key."""
+    flags = flags or {}
+    hints = typing.get_type_hints(cls)
+    options: list[ConfigOption] = []
+    for f in dataclasses.fields(cls):
+        key = (*within, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            options += config_options(hints[f.name], flags, only, key)
+        elif only is None or ".".join(key) in only:
+            options.append(_config_option(f, hints[f.name], key, flags.get(".".join(key), Flag())))
+    return options
+
+
+def _config_option(f: dataclasses.Field, hint: Any, key: tuple[str, ...], flag: Flag) -> ConfigOption:
+    decls = flag.decls
+    if not decls and len(key) > 1:  # a nested field keeps its own name: --width, --layer-norm/--no-layer-norm
+        kebab = key[-1].replace("_", "-")
+        decls = (f"--{kebab}/--no-{kebab}",) if hint is bool else (f"--{kebab}",)
+    default = flag.default
+    if default is _FROM_FIELD:
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...  # a required field
+        if flag.parse is not None and default not in (None, ...) and not isinstance(default, str):
+            default = str(default)  # typed as text: --in-memory auto, --rung-gate-init 0.1
+    info = typer.Option(default, *decls, help=flag.help or f.metadata.get("help", ""), hidden=flag.hidden)
+    parameter = inspect.Parameter("_".join(key), inspect.Parameter.KEYWORD_ONLY, default=info,
+                                  annotation=flag.cli_type or hint)
+    return ConfigOption(key, parameter, flag.parse or (lambda value: value))
+
+
+def with_options(*groups: Sequence[ConfigOption]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command (which takes them as ``**options``) the options of ``groups`` after its own: typer reads
+    a command's options from its signature."""
+    def install(command: Callable[..., None]) -> Callable[..., None]:
+        own = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        derived = [o.parameter for g in groups for o in g]
+        command.__signature__ = inspect.Signature([*own, *derived])  # type: ignore[attr-defined]
+        return command
+    return install
+
+
+def config_values(options: Sequence[ConfigOption], values: Mapping[str, Any],
+                  given_in: typer.Context | None = None) -> dict[str, Any]:
+    """The settings of a command's option values, nested by key ({"fusion": {"width": 512}}). With ``given_in``
+    only the options typed on that command line: defaults come from the config (or a config file)."""
+    settings: dict[str, Any] = {}
+    for opt in options:
+        name = opt.parameter.name
+        if given_in is not None and _source(given_in, name) in ("DEFAULT", "DEFAULT_MAP", None):
+            continue
+        *parents, last = opt.key
+        target = settings
+        for k in parents:
+            target = target.setdefault(k, {})
+        target[last] = opt.parse(values[name])
+    return settings
+
+
+def _source(ctx: typer.Context, name: str) -> str | None:
+    # by name: typer vendors click, and its ParameterSource enum sits in a private module
+    source = ctx.get_parameter_source(name)
+    return None if source is None else source.name
+
+
+def _gate_init(text: str | None) -> float | None:
+    return None if text is None or text.strip().lower() == "none" else float(text)
+
+
+_LAYERS = Flag(cli_type=str | None, parse=parse_layers)  # 'all', '0,3,6', '0-4,8'
+_STORAGE = Flag(decls=("--storage-option",), cli_type=list[str], parse=_storage_options, default=[])
+_OUT, _MODEL, _DATA = Flag(decls=("--out", "-o")), Flag(decls=("--model", "-m")), Flag(decls=("--data", "-d"))
+
+
+EXTRACT_OPTIONS = config_options(ExtractConfig, {
+    "model": _MODEL, "data": _DATA, "out": _OUT, "layers": _LAYERS, "storage_options": _STORAGE,
+    # under torchrun the job's processes are the shards
+    "num_shards": Flag(cli_type=int | None, default=None, help="Split into N duration-balanced shards "
+                       "(default: torchrun's WORLD_SIZE, else 1)"),
+    "shard_index": Flag(cli_type=int | None, default=None, help="This worker's shard (default: RANK, else 0)"),
+})
+
+
 @app.command()
-def extract(
-    model: str = typer.Option(..., "--model", "-m", help="faster-whisper:base | faster-whisper:tiny.en | a "
-                              "CTranslate2 or transformers model folder | hub id in the local HF cache | "
-                              "tiny-random:<family>"),
-    data: str = typer.Option(..., "--data", "-d", help="Manifest (.jsonl/.csv/.tsv), LibriSpeech folder, "
-                             "audio folder, or a datasets folder saved with save_to_disk"),
-    out: str = typer.Option(..., "--out", "-o", help="Cache path or fsspec URL (s3://bucket/prefix)"),
-    layers: str | None = typer.Option(None, help="Hidden states to store: 'all' (default), '0,3,6', '0-4'"),
-    codec: str = typer.Option(ExtractConfig.codec, help="fp16 | int8 | int4 | int4b | nf4b (docs/cache_format.md)"),
-    batch_seconds: float = typer.Option(ExtractConfig.batch_seconds, help="Padded audio seconds per batch"),
-    device: str = typer.Option(ExtractConfig.device, help="auto | cpu | cuda"),
-    precision: str = typer.Option(ExtractConfig.precision, help="auto | fp32 | bf16 | fp16"),
-    on_error: str = typer.Option(ExtractConfig.on_error, help="raise | skip (record bad items and go on)"),
-    max_seconds: float = typer.Option(ExtractConfig.max_seconds, help="Longest utterance accepted"),
-    num_shards: int | None = typer.Option(None, help="Split into N duration-balanced shards "
-                                             "(default: torchrun's WORLD_SIZE, else 1)"),
-    shard_index: int | None = typer.Option(None, help="This worker's shard (default: RANK, else 0)"),
-    storage_option: list[str] = typer.Option([], "--storage-option", help="fsspec option key=value "
-                                             "(repeatable), e.g. endpoint_url=http://127.0.0.1:9000"),
-    part_frames: int = typer.Option(ExtractConfig.part_frames, help="Frames per committed part"),
-    progress: bool = typer.Option(True, help="Show a progress bar"),
-) -> None:
+@with_options(EXTRACT_OPTIONS)
+def extract(**options: Any) -> None:
     """Run a frozen encoder once over DATA and store its hidden states in a Zarr cache (resumable)."""
     from hff_cache.cache import CacheFormatError, CacheMismatchError, CacheWriteError
     from hff_cache.extraction.extract import extract as run_extract
@@ -68,18 +180,16 @@ def extract(
     from hff_cache.runtime.distributed import current
 
     job = current()  # torchrun's RANK / WORLD_SIZE pick the shard unless given
-    cfg = ExtractConfig(
-        model=model, data=data, out=out, layers=parse_layers(layers), codec=codec, batch_seconds=batch_seconds,
-        device=device, precision=precision, on_error=on_error, max_seconds=max_seconds,
-        num_shards=num_shards if num_shards is not None else job.world_size,
-        shard_index=shard_index if shard_index is not None else job.rank,
-        storage_options=_storage_options(storage_option), progress=progress, part_frames=part_frames,
-    )
     try:
+        settings = config_values(EXTRACT_OPTIONS, options)
+        for name, from_job in (("num_shards", job.world_size), ("shard_index", job.rank)):
+            settings[name] = from_job if settings[name] is None else settings[name]
+        cfg = ExtractConfig(**settings)  # checks the codec and every other name before the encoder loads
         report = run_extract(cfg)
     except (AudioError, IntakeError, CacheFormatError, CacheMismatchError, CacheWriteError, OSError,
             ValueError) as exc:
         _fail(str(exc))
+    out = cfg.out
     if report.extracted == 0 and not report.skipped:
         typer.echo(f"{out}: complete, nothing to do ({report.already_done} utterances already cached)")
         return
@@ -113,16 +223,26 @@ def info(
 
 @app.command()
 def verify(
-    cache: str = typer.Argument(..., help="Cache path or URL"),
+    cache: str = typer.Argument(..., help="Cache path or URL, or a run directory"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
     values: bool = typer.Option(True, "--values/--no-values", help="Scan features for NaN/Inf (checksums and "
                                 "the index are always checked)"),
     storage_option: list[str] = typer.Option([], "--storage-option", help="fsspec option key=value"),
 ) -> None:
-    """Check a cache: index vs arrays, commit-time checksums, NaN/Inf. Exit 0 when sound, 1 with problems."""
+    """Check a cache (index vs arrays, commit-time checksums, NaN/Inf) or a run directory (config, checkpoints,
+    tokenizer, metrics and log). Exit 0 when sound, 1 with problems."""
+    from pathlib import Path
+
     from hff_cache.cache import CacheFormatError
     from hff_cache.cache.verify import verify_cache
 
+    # a run directory is known by its config.json; tested by name, so verifying a cache never imports torch
+    if "://" not in cache and (Path(cache) / "config.json").is_file():
+        from hff_cache.runs.verify import verify_run
+
+        run_rep = verify_run(cache)
+        typer.echo(json.dumps(run_rep.to_dict(), indent=2, ensure_ascii=False) if as_json else run_rep.format())
+        raise typer.Exit(0 if run_rep.ok else 1)
     try:
         rep = verify_cache(cache, _storage_options(storage_option), scan_values=values)
     except CacheFormatError as exc:
@@ -143,9 +263,7 @@ def verify(
         raise typer.Exit(1)
 
 
-# --- training, evaluation, probing (hff_cache.train / evaluate / probe / tasks) -----------------------------
-
-_T = TrainConfig  # class attributes hold the defaults; fusion defaults live in FusionConfig (lazy: torch)
+# --- training, evaluation, probing (hff_cache.training / evaluation / tasks) ----------------------------------
 
 
 def _train_errors() -> tuple[type[Exception], ...]:
@@ -156,110 +274,44 @@ def _train_errors() -> tuple[type[Exception], ...]:
     return (RunError, LabelError, CacheFormatError, FileNotFoundError, ValueError)
 
 
-def _fusion_config(kind: str, **given: object) -> object:
-    from hff_cache.model.fusion import FusionConfig
-
-    # options left at None keep FusionConfig's defaults
-    return FusionConfig(kind=kind, **{k: v for k, v in given.items() if v is not None})
+_ENCODER_LR_DEFAULTS = ", ".join(f"{method} {lr:g}" for method, lr in ENCODER_LR.items())
+TRAIN_OPTIONS = config_options(TrainConfig, {
+    "out": _OUT, "layers": _LAYERS, "storage_options": _STORAGE, "model": _MODEL, "data": _DATA,
+    "fusion.kind": Flag(decls=("--fusion",)),
+    "fusion.rung_gate_init": Flag(cli_type=str | None, parse=_gate_init),
+    "in_memory": Flag(cli_type=str, parse=str),  # auto | true | false: TrainConfig reads the words
+    "online": Flag(decls=("--online",)),  # a mode switch: no --no-online
+    "encoder_lr": Flag(help=f"Online: LR of the encoder weights full/bitfit train (default: {_ENCODER_LR_DEFAULTS}; "
+                            "otherwise --lr)"),
+})
 
 
 @app.command()
+@with_options(TRAIN_OPTIONS)
 def train(
-    cache: str = typer.Option("", help="Training feature cache (not with --online)"),
-    valid_cache: str | None = typer.Option(None, help="Validation cache (same encoder, layers, codec)"),
-    out: str = typer.Option(_T.out, "--out", "-o", help="Run directory"),
-    task: str = typer.Option(_T.task, help="asr | phones | classify:FIELD (e.g. classify:speaker)"),
-    labels: str | None = typer.Option(None, help="JSONL labels {id, text|phones|FIELD|label}; override or "
-                                         "add to the cache's texts/metas"),
-    layers: str | None = typer.Option(None, help="Stored hidden states to use: 'all' (default), '0,3,6'"),
-    fusion: str = typer.Option("hierarchical", help="last | single:K | weighted | hierarchical"),
-    groups: int | None = typer.Option(None, help="Hierarchical groups G [FusionConfig: 4]"),
-    width: int | None = typer.Option(None, help="Fusion/downstream width d [FusionConfig: 256]"),
-    blocks: int | None = typer.Option(None, help="Downstream residual blocks [FusionConfig: 2]"),
-    kernel: int | None = typer.Option(None, help="Depthwise conv kernel [FusionConfig: 5]"),
-    dropout: float | None = typer.Option(None, help="Dropout [FusionConfig: 0.1]"),
-    layer_norm: bool | None = typer.Option(None, "--layer-norm/--no-layer-norm",
-                                              help="Parameter-free LayerNorm per layer [FusionConfig: on]"),
-    top_init: float | None = typer.Option(None, help="Initial logit of each group's top layer [FusionConfig]"),
-    rung_gate_init: str | None = typer.Option(None, help="Ladder gate init, or 'none' [FusionConfig]"),
-    pooling: str = typer.Option(_T.pooling, help="Classifier pooling: mean | attention"),
-    normalize: str = typer.Option(_T.normalize, help="none | stats (standardise layers by cache mean/std)"),
-    epochs: int = typer.Option(_T.epochs),
-    lr: float = typer.Option(_T.lr, help="AdamW learning rate"),
-    fusion_lr: float = typer.Option(_T.fusion_lr, help="Learning rate of the layer-weight logits"),
-    weight_decay: float = typer.Option(_T.weight_decay),
-    lr_schedule: str = typer.Option(_T.lr_schedule, help="cosine | constant"),
-    warmup_steps: int = typer.Option(_T.warmup_steps),
-    grad_clip: float = typer.Option(_T.grad_clip, help="Max gradient norm (0: off)"),
-    batch_frames: int = typer.Option(_T.batch_frames, help="Padded frames per batch"),
-    max_batch_utts: int = typer.Option(_T.max_batch_utts),
-    spec_time_masks: int = typer.Option(_T.spec_time_masks),
-    spec_time_width: int = typer.Option(_T.spec_time_width, help="Frames"),
-    spec_feat_masks: int = typer.Option(_T.spec_feat_masks),
-    spec_feat_width: int = typer.Option(_T.spec_feat_width),
-    seed: int = typer.Option(_T.seed),
-    in_memory: str = typer.Option(str(_T.in_memory), help="auto | true | false: load the cache into RAM"),
-    num_workers: int = typer.Option(_T.num_workers, help="Decode threads when streaming"),
-    prefetch: int = typer.Option(_T.prefetch, help="Batches decoded ahead"),
-    device: str = typer.Option(_T.device, help="auto | cpu | cuda"),
-    threads: int = typer.Option(_T.threads, help="torch threads (0: torch's default)"),
-    eval_every: int = typer.Option(_T.eval_every, help="Validate every N epochs"),
-    resume: bool = typer.Option(False, help="Continue the run in OUT from its last checkpoint"),
-    force: bool = typer.Option(False, help="Start over in OUT even if it holds another run"),
-    online: bool = typer.Option(False, "--online", help="Run the encoder in the loop on audio instead of a "
-                                "cache (adapters, BitFit, full fine-tuning, frozen HFF); see docs/cli.md"),
-    model: str = typer.Option("", "--model", "-m", help="Online: encoder, as for extract --model"),
-    data: str = typer.Option("", "--data", "-d", help="Online: training audio (manifest, LibriSpeech folder, "
-                             "audio folder, saved dataset)"),
-    valid_data: str | None = typer.Option(None, help="Online: validation audio"),
-    method: str = typer.Option(_T.method, help="Online: hff-adapters | adapters | bitfit | full | hff-frozen"),
-    bottleneck: int = typer.Option(_T.bottleneck, help="Online: adapter bottleneck width"),
-    encoder_lr: float | None = typer.Option(None, help="Online: LR of the encoder weights full/bitfit train "
-                                            "[full 5e-5, bitfit 5e-4]"),
-    grad_checkpointing: bool = typer.Option(False, help="Online: recompute encoder layers in the backward "
-                                            "pass (less memory, ~1 more forward; for full)"),
-    batch_seconds: float = typer.Option(_T.batch_seconds, help="Online: padded audio seconds per batch"),
-    max_train_utts: int | None = typer.Option(None, help="Online: train on N evenly spaced utterances"),
-    max_valid_utts: int | None = typer.Option(None, help="Online: validate on N evenly spaced utterances"),
-    storage_option: list[str] = typer.Option([], "--storage-option", help="fsspec option key=value for "
-                                             "s3://... caches (repeatable), e.g. endpoint_url=http://..."),
+    ctx: typer.Context,
+    config: str | None = typer.Option(None, "--config", help="Settings file, JSON or YAML (keys: the option "
+                                      "names with '_', nested as in fusion.width); a run's config.json replays "
+                                      "that run. Options given here override the file"),
+    set_: list[str] = typer.Option([], "--set", help="KEY=VALUE over the file and the options (repeatable), "
+                                   "e.g. --set fusion.width=512 --set epochs=30"),
+    **options: Any,
 ) -> None:
     """Train layer fusion + a task head on cached features (or, with --online, on audio with the encoder
     in the loop); writes a run directory. Under torchrun: DistributedDataParallel, each rank on its share."""
     from hff_cache.training.cached import train as run_train
     from hff_cache.training.online import train_online
 
-    if online and (cache or valid_cache):
-        _fail("--online trains from audio (--data/--valid-data); --cache/--valid-cache are for cached mode")
-    if not online and (model or data or valid_data):
-        _fail("--model/--data/--valid-data need --online (cached mode reads --cache)")
     try:
-        gate = None if rung_gate_init is None else (
-            "none" if rung_gate_init.lower() == "none" else float(rung_gate_init))
-        fcfg = _fusion_config(fusion, groups=groups, width=width, blocks=blocks, kernel=kernel, dropout=dropout,
-                              layer_norm=layer_norm, top_init=top_init)
-        if gate is not None:
-            fcfg.rung_gate_init = None if gate == "none" else gate  # type: ignore[attr-defined]
-        cfg = TrainConfig(
-            cache=cache, valid_cache=valid_cache, out=out, task=task, labels=labels, layers=parse_layers(layers),
-            fusion=fcfg, pooling=pooling, normalize=normalize, epochs=epochs, lr=lr, fusion_lr=fusion_lr,
-            weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps, grad_clip=grad_clip,
-            batch_frames=batch_frames, max_batch_utts=max_batch_utts, spec_time_masks=spec_time_masks,
-            spec_time_width=spec_time_width, spec_feat_masks=spec_feat_masks, spec_feat_width=spec_feat_width,
-            seed=seed, in_memory=in_memory, num_workers=num_workers, prefetch=prefetch, device=device,
-            threads=threads, eval_every=eval_every, resume=resume, force=force,
-            online=online, model=model, data=data, valid_data=valid_data, method=method, bottleneck=bottleneck,
-            encoder_lr=encoder_lr, grad_checkpointing=grad_checkpointing, batch_seconds=batch_seconds,
-            max_train_utts=max_train_utts, max_valid_utts=max_valid_utts,
-            storage_options=_storage_options(storage_option),
-        )
-        metrics = train_online(cfg) if online else run_train(cfg)
+        # defaults < --config file < options typed here < --set
+        cfg = train_config(config, flags=config_values(TRAIN_OPTIONS, options, given_in=ctx), sets=set_)
+        metrics = train_online(cfg) if cfg.online else run_train(cfg)
     except _train_errors() as exc:
         _fail(str(exc))
     keys = ("wer", "cer", "per", "accuracy", "best_epoch", "trainable_params", "trainable_encoder_params",
             "step_time_ms", "epoch_seconds")
-    typer.echo(f"{out}: " + ", ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else
-                                       f"{k} {metrics[k]}" for k in keys if metrics.get(k) is not None))
+    typer.echo(f"{cfg.out}: " + ", ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else
+                                           f"{k} {metrics[k]}" for k in keys if metrics.get(k) is not None))
 
 
 @app.command()
@@ -270,21 +322,27 @@ def evaluate(
     labels: str | None = typer.Option(None, help="Labels JSONL (default: the run's)"),
     device: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+    group_by: str | None = typer.Option(None, help="Also report the metrics per value of this metadata field "
+                                        "of the cache's utterances (e.g. corpus, speaker)"),
 ) -> None:
-    """Greedy-decode CACHE with a run's checkpoint; writes RUN/eval/<cache-name>/hyps.jsonl."""
+    """Greedy-decode CACHE with a run's checkpoint; writes RUN/eval/<cache-name>/{hyps.jsonl,metrics.json}."""
     from hff_cache.evaluation.evaluate import evaluate_run
 
     try:
-        summary = evaluate_run(run, cache, checkpoint=checkpoint, labels=labels, device=device)
+        summary = evaluate_run(run, cache, checkpoint=checkpoint, labels=labels, device=device, group_by=group_by)
     except _train_errors() as exc:
         _fail(str(exc))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    for key in ("wer", "cer", "per", "accuracy", "loss", "utterances", "hyps"):
+    keys = ("wer", "cer", "per", "accuracy", "loss", "utterances")
+    for key in (*keys, "hyps"):
         if key in summary:
             value = summary[key]
             typer.echo(f"{key:>10}: {value:.4g}" if isinstance(value, float) else f"{key:>10}: {value}")
+    for value, m in summary.get("groups", {}).items():
+        typer.echo(f"{group_by}={value}: " + ", ".join(f"{k} {m[k]:.4g}" if isinstance(m[k], float) else f"{k} {m[k]}"
+                                                      for k in keys if k in m))
 
 
 @app.command()
@@ -295,7 +353,7 @@ def transcribe(
                                     "saved dataset to transcribe (besides or instead of AUDIO)"),
     checkpoint: str = typer.Option("best", help="best | last"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    batch_seconds: float = typer.Option(120.0, help="Padded audio seconds per batch"),
+    batch_seconds: float = typer.Option(TRANSCRIBE_BATCH_SECONDS, help="Padded audio seconds per batch"),
     model: str | None = typer.Option(None, "--model", "-m", help="Load the run's encoder from here instead "
                                      "(its weights must hash as recorded)"),
 ) -> None:
@@ -313,33 +371,31 @@ def transcribe(
         typer.echo(f"{uid}\t{text}")
 
 
+PROBE_EPOCHS = 10  # one short run per layer: the probe ranks layers, it does not train a model to keep
+PROBE_OPTIONS = config_options(TrainConfig, {
+    "cache": Flag(default=..., help="Training cache"),
+    "valid_cache": Flag(cli_type=str, default=..., help="Validation cache"),
+    "out": Flag(decls=("--out", "-o"), default=..., help="Output folder (probe.csv, probe.png, one run per layer)"),
+    "layers": Flag(cli_type=str | None, parse=parse_layers, help="Hidden states to probe (default: all stored)"),
+    "epochs": Flag(default=PROBE_EPOCHS, help="Epochs per probed layer"),
+    "fusion.width": Flag(help="Head width"),
+    "fusion.blocks": Flag(help="Head residual blocks"),
+    "force": Flag(help="Retrain layers already probed in OUT"),
+}, only=("cache", "valid_cache", "out", "task", "labels", "valid_labels", "layers", "fusion.width", "fusion.blocks",
+         "epochs", "lr", "batch_frames", "seed", "device", "threads", "force"))
+
+
 @app.command()
-def probe(
-    cache: str = typer.Option(..., help="Training cache"),
-    valid_cache: str = typer.Option(..., help="Validation cache"),
-    out: str = typer.Option(..., "--out", "-o", help="Output folder (probe.csv, probe.png, one run per layer)"),
-    task: str = typer.Option("asr", help="asr | phones | classify:FIELD"),
-    labels: str | None = typer.Option(None, help="Labels JSONL"),
-    layers: str | None = typer.Option(None, help="Hidden states to probe (default: all stored)"),
-    epochs: int = typer.Option(10),
-    width: int | None = typer.Option(None, help="Head width [FusionConfig: 256]"),
-    blocks: int | None = typer.Option(None, help="Head blocks [FusionConfig: 2]"),
-    lr: float = typer.Option(_T.lr),
-    batch_frames: int = typer.Option(_T.batch_frames),
-    seed: int = typer.Option(_T.seed),
-    device: str = typer.Option(_T.device),
-    threads: int = typer.Option(_T.threads, help="torch threads (0: torch's default)"),
-    force: bool = typer.Option(False, help="Retrain layers already probed in OUT"),
-) -> None:
+@with_options(PROBE_OPTIONS)
+def probe(**options: Any) -> None:
     """Train the same small head on each stored hidden state alone; DIR/probe.csv + probe.png."""
     from hff_cache.training.probe import probe as run_probe
 
     try:
-        base = TrainConfig(cache=cache, valid_cache=valid_cache, out=out, task=task, labels=labels,
-                           fusion=_fusion_config("last", width=width, blocks=blocks), epochs=epochs, lr=lr,
-                           batch_frames=batch_frames, seed=seed, device=device, threads=threads,
-                           force=force)
-        rows = run_probe(base, out, layers=parse_layers(layers))
+        settings = config_values(PROBE_OPTIONS, options)  # every option: the probe's defaults are its own
+        layers = settings.pop("layers")  # probed one at a time, not read together
+        base = train_config(flags={**settings, "fusion": {**settings["fusion"], "kind": "last"}})
+        rows = run_probe(base, base.out, layers=layers)
     except _train_errors() as exc:
         _fail(str(exc))
     cols = [k for k in ("wer", "cer", "per", "accuracy") if k in rows[0]]
@@ -361,23 +417,57 @@ def summary(
     typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows, markdown=markdown))
 
 
+@app.command()
+def doctor(
+    cache_dir: str = typer.Option(".", help="Where caches will go: free disk is checked there"),
+    smoke: bool = typer.Option(True, "--smoke/--no-smoke", help="Run the 2-second extraction smoke test"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+) -> None:
+    """Check this installation: versions, threads, GPU, optional extras and weights, disk, a smoke test.
+    Exit 0 when the core works (missing extras are listed with their install command), 1 otherwise."""
+    from hff_cache.doctor import diagnose
+
+    report = diagnose(cache_dir, smoke=smoke)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for c in report.checks:
+            mark = "ok" if c.ok else ("missing" if c.name.startswith("extra: ") else "FAIL")
+            typer.echo(f"{mark:>8}  {c.name}: {c.detail}" + (f"\n          fix: {c.fix}" if c.fix and not c.ok else ""))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 labels_app = typer.Typer(no_args_is_help=True, help="Make label files (JSONL keyed by utterance id).")
 app.add_typer(labels_app, name="labels")
 
 
 @labels_app.command("phones")
 def labels_phones(
-    alignments: str = typer.Option(..., help="Folder of Montreal Forced Aligner TextGrids (searched recursively)"),
+    alignments: str | None = typer.Option(None, help="Folder of Montreal Forced Aligner TextGrids (searched "
+                                          "recursively)"),
+    jsonl: list[str] = typer.Option([], help="A corpus's own phone transcriptions, JSONL {id, phones} "
+                                    "(repeatable), e.g. speechocean762's phones.jsonl"),
     out: str = typer.Option(..., "--out", "-o", help="Output JSONL {id, phones}"),
     tier: str = typer.Option("phones", help="TextGrid tier"),
     keep_stress: bool = typer.Option(False, help="Keep ARPAbet stress digits (AH0)"),
 ) -> None:
-    """Phone sequences from TextGrids (silences sil/sp/spn and empty intervals dropped)."""
+    """Phone sequences from TextGrids and/or phone JSONL files, in one phone set (silences sil/sp/spn and empty
+    intervals dropped; stress digits stripped unless --keep-stress)."""
+    from hff_cache.tasks.phones import phones_from_jsonl
     from hff_cache.tasks.task import LabelError, phone_labels, write_jsonl
 
+    if alignments is None and not jsonl:
+        _fail("give --alignments DIR and/or --jsonl FILE")
     try:
-        n = write_jsonl(phone_labels(alignments, tier=tier, strip_stress=not keep_stress), out)
-    except LabelError as exc:
+        rows = phone_labels(alignments, tier=tier, strip_stress=not keep_stress) if alignments else []
+        for path in jsonl:
+            rows += phones_from_jsonl(path, strip_stress=not keep_stress)
+        dup = sorted(uid for uid, n in Counter(r["id"] for r in rows).items() if n > 1)
+        if dup:
+            raise LabelError(f"ids {dup[:5]} have phones in more than one source")
+        n = write_jsonl(rows, out)
+    except (LabelError, OSError) as exc:
         _fail(str(exc))
     typer.echo(f"{out}: {n} utterances")
 
@@ -396,6 +486,7 @@ def manifest(
     take: str = typer.Option("all", help="all | holdout | rest (with --holdout or --holdout-speakers)"),
     tag: list[str] = typer.Option([], help="FIELD=VALUE added to every row (repeatable), e.g. corpus=librispeech: "
                                   "`evaluate --group-by FIELD` then reports each value apart"),
+    max_utts: int | None = typer.Option(None, help="Keep N utterances of the selection, evenly spaced in id order"),
 ) -> None:
     """Write a JSONL manifest of (a selection of) DATA: some speakers, a per-speaker utterance split, or a
     balanced set of held-out speakers."""
@@ -406,7 +497,7 @@ def manifest(
     try:
         rows = select_utterances(data, speakers=speakers.split(",") if speakers else None, holdout=holdout,
                                  take=take, holdout_speakers=holdout_speakers,
-                                 balance=balance.split(",") if balance else (), seed=seed)
+                                 balance=balance.split(",") if balance else (), seed=seed, max_utts=max_utts)
         tags = dict(_key_value(t, "--tag") for t in tag)
     except (IntakeError, ValueError) as exc:
         _fail(str(exc))
@@ -414,23 +505,29 @@ def manifest(
     typer.echo(f"{out}: {n} utterances, {sum(r['duration'] for r in rows) / 60:.1f} min")
 
 
+_DEMO, _DEMO_SMALL = DemoConfig(out="").resolved(), DemoConfig(out="", small=True).resolved()
+DEMO_OPTIONS = config_options(DemoConfig, {  # DemoConfig's fields carry no help: the demo's own words
+    "out": Flag(decls=("--out", "-o"), default="demo", help="Output folder (corpus, cache, probe, runs, results.md)"),
+    "small": Flag(help=f"Use {_DEMO_SMALL.model} instead of {_DEMO.model}"),
+    "num_train": Flag(help=f"Synthetic training utterances (default: {_DEMO.num_train})"),
+    "num_valid": Flag(help=f"Synthetic validation utterances (default: {_DEMO.num_valid})"),
+    "epochs": Flag(help=f"Epochs per fusion (default: {_DEMO.epochs}; {_DEMO_SMALL.epochs} with --small)"),
+    "probe_epochs": Flag(help=f"Epochs per probed layer (default: {_DEMO.probe_epochs}; "
+                              f"{_DEMO_SMALL.probe_epochs} with --small)"),
+    "model": Flag(hidden=True, help="Encoder override (tests: tiny-random:whisper)"),
+    "seed": Flag(help="Seed of the synthetic corpus and of every run"),
+    "threads": Flag(help="torch threads (0: torch's default)"),
+})
+
+
 @app.command()
-def demo(
-    out: str = typer.Option("demo", "--out", "-o", help="Output folder (corpus, cache, probe, runs, results.md)"),
-    small: bool = typer.Option(False, help="Use faster-whisper:tiny.en instead of faster-whisper:base"),
-    num_train: int | None = typer.Option(None, help="Synthetic training utterances [300]"),
-    num_valid: int | None = typer.Option(None, help="Synthetic validation utterances [60]"),
-    epochs: int | None = typer.Option(None, help="Epochs per fusion [10; 15 with --small]"),
-    probe_epochs: int | None = typer.Option(None, help="Epochs per probed layer [4; 5 with --small]"),
-    threads: int = typer.Option(0, help="torch threads (0: torch's default)"),
-    model: str | None = typer.Option(None, hidden=True, help="Encoder override (tests: tiny-random:whisper)"),
-) -> None:
+@with_options(DEMO_OPTIONS)
+def demo(**options: Any) -> None:
     """The offline demo: synthesise speech, extract once, probe every layer, train three fusions, report."""
-    from hff_cache.demo import DemoConfig, run_demo
+    from hff_cache.demo import run_demo
 
     try:
-        run_demo(DemoConfig(out=out, small=small, num_train=num_train, num_valid=num_valid, epochs=epochs,
-                            probe_epochs=probe_epochs, threads=threads, model=model))
+        run_demo(DemoConfig(**config_values(DEMO_OPTIONS, options)))
     except (*_train_errors(), RuntimeError) as exc:
         _fail(str(exc))
 

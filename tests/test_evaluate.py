@@ -94,3 +94,34 @@ def test_train_cli_refuses_existing_run(trained):
     result = CliRunner().invoke(app, ["train", "--cache", str(cache), "--out", str(run), "--epochs", "1"])
     assert result.exit_code == 2
     assert "--resume" in result.output and "--force" in result.output
+
+
+def test_evaluate_group_by_reports_each_value_apart(trained):
+    cache, run = trained
+    summary = evaluate_run(run, str(cache), checkpoint="last", group_by="speaker")
+    assert summary["group_by"] == "speaker" and list(summary["groups"]) == ["spk0", "spk1"]
+    hyps = {h["id"]: h for h in map(json.loads, (run / "eval/cache/hyps.jsonl").read_text().splitlines())}
+    for value, ids in (("spk0", ["utt000", "utt002", "utt004"]), ("spk1", ["utt001", "utt003", "utt005"])):
+        group = summary["groups"][value]
+        want = error_rates([hyps[i]["ref"] for i in ids], [hyps[i]["hyp"] for i in ids])
+        assert group["utterances"] == 3
+        assert group["wer"] == pytest.approx(want["wer"]) and group["cer"] == pytest.approx(want["cer"])
+    saved = json.loads((run / "eval/cache/metrics.json").read_text())
+    assert saved["groups"] == summary["groups"] and saved["wer"] == pytest.approx(summary["wer"])
+
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--cache", str(cache), "--group-by", "speaker"])
+    assert result.exit_code == 0, result.output
+    assert "speaker=spk0: wer" in result.output and "speaker=spk1: wer" in result.output
+    with pytest.raises(RunError, match=r"--group-by corpus: no utterance .* \(fields: speaker\)"):
+        evaluate_run(run, str(cache), group_by="corpus")
+
+
+def test_group_metrics_put_utterances_without_the_field_apart():
+    from hff_cache.evaluation.evaluate import MISSING_GROUP, group_metrics
+
+    rows = [{"id": "a", "ref": "x y", "hyp": "x y"}, {"id": "b", "ref": "x", "hyp": "z"},
+            {"id": "c", "ref": "x", "hyp": "x"}]
+    groups = group_metrics("asr", rows, {"a": "librispeech", "b": "speechocean762", "c": MISSING_GROUP})
+    assert groups == {MISSING_GROUP: {"wer": 0.0, "cer": 0.0, "utterances": 1},
+                      "librispeech": {"wer": 0.0, "cer": 0.0, "utterances": 1},
+                      "speechocean762": {"wer": 100.0, "cer": 100.0, "utterances": 1}}

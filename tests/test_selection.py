@@ -90,3 +90,22 @@ def test_speechocean762_layout_reads(tmp_path: Path) -> None:
     # the corpus's own manifest, relative paths and all
     first = load_intake(SHARED / "train.jsonl")[0]
     assert Path(first.audio).is_file() and first.audio.endswith(".opus")
+
+
+def test_labels_phones_merges_textgrids_and_jsonl_into_one_phone_set(tmp_path: Path) -> None:
+    grid = tmp_path / "ali" / "u1.TextGrid"
+    grid.parent.mkdir()
+    grid.write_text('File type = "ooTextFile"\nObject class = "TextGrid"\nitem [1]:\n    name = "phones"\n'
+                    '        intervals [1]:\n            xmin = 0\n            xmax = 1\n            text = "AH0"\n'
+                    '        intervals [2]:\n            xmin = 1\n            xmax = 2\n            text = "sil"\n')
+    extra = tmp_path / "phones.jsonl"
+    extra.write_text(json.dumps({"id": "u2", "phones": "W IY1 sil K"}) + "\n")
+    out = tmp_path / "phones_out.jsonl"
+    cmd = [sys.executable, "-m", "hff_cache", "labels", "phones", "--alignments", str(grid.parent), "--jsonl",
+           str(extra), "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"id": "u1", "phones": "AH"}, {"id": "u2", "phones": "W IY K"}]
+    extra.write_text(json.dumps({"id": "u1", "phones": "B"}) + "\n")  # the same id from two sources
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    assert bad.returncode != 0 and "more than one source" in bad.stderr

@@ -15,7 +15,8 @@ from hff_cache.model.augment import SpecAugment
 from hff_cache.model.batch import Batch
 from hff_cache.model.fusion import FusionConfig
 from hff_cache.model.hff import HFFModel, ModelSpec
-from hff_cache.runs.directory import RunError, load_run
+from hff_cache.runs.directory import RunError
+from hff_cache.runs.loading import load_run
 from hff_cache.tasks.task import LabelError, LabelWarning
 from hff_cache.testing import tiny_cache
 from hff_cache.training.cached import train
@@ -99,7 +100,7 @@ def test_overfits_tiny_cache_without_instantiating_an_encoder(cache, tmp_path, m
     metrics = train(cfg, log=quiet)
     assert metrics["last"]["train_loss"] < 0.1
     assert metrics["wer"] == 0.0 and metrics["cer"] == 0.0
-    _, _, model, _ = load_run(tmp_path / "run")
+    model = load_run(tmp_path / "run").model
     assert model.encoder is None
     run = tmp_path / "run"
     for name in ("config.json", "metrics.json", "log.csv", "curves.png", "layer_weights.png",

@@ -27,6 +27,7 @@ import torch
 
 from hff_cache.batches.common import collate_targets, memory_available
 from hff_cache.cache.format import CHUNK_FRAMES
+from hff_cache.config import TrainConfig
 from hff_cache.model.batch import Batch
 from hff_cache.runtime.distributed import balanced_assignment
 from hff_cache.runtime.planning import plan_batches
@@ -51,11 +52,13 @@ WINDOW_BYTES = 512 << 20  # decoded features one shuffle window may hold (float1
 class CacheBatches:
     """A ``BatchSource`` over one cache and the labelled utterances of a task (``TaskData``)."""
 
+    # The batching defaults are TrainConfig's (the one source); callers pass the run's values.
     def __init__(self, reader: Any, data: Any, *, ctc: bool, layers: Sequence[int] | None = None,
-                 batch_frames: int = 20_000, max_batch_utts: int = 64, shuffle: bool = True, seed: int = 0,
-                 in_memory: bool | str = "auto", shuffle_frames: int = 100_000, block_frames: int = 8192,
-                 num_workers: int = 2, prefetch: int = 4, rank: int = 0, world_size: int = 1,
-                 local_world_size: int = 1) -> None:
+                 batch_frames: int = TrainConfig.batch_frames, max_batch_utts: int = TrainConfig.max_batch_utts,
+                 shuffle: bool = True, seed: int = 0, in_memory: bool | str = TrainConfig.in_memory,
+                 shuffle_frames: int = TrainConfig.shuffle_frames, block_frames: int = 8192,
+                 num_workers: int = TrainConfig.num_workers, prefetch: int = TrainConfig.prefetch, rank: int = 0,
+                 world_size: int = 1, local_world_size: int = 1) -> None:
         self.reader = reader
         self.data = data
         self.ctc = ctc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,14 +11,10 @@ from typing import Any
 import torch
 
 from hff_cache.evaluation.metrics import task_metrics
+from hff_cache.runs.document import RunError, check_cache
+from hff_cache.runs.loading import load_run
 
-__all__ = ["EvalResult", "cache_name", "evaluate_model", "evaluate_run", "task_metrics"]
-
-
-
-
-
-
+__all__ = ["EvalResult", "cache_name", "evaluate_model", "evaluate_run", "group_metrics", "task_metrics"]
 
 
 @dataclass
@@ -73,25 +68,26 @@ def cache_name(url: str) -> str:
 
 def evaluate_run(run: str | Path, cache: str, checkpoint: str = "best", labels: str | None = None,
                  device: str = "auto", storage_options: dict | None = None,
-                 batch_frames: int | None = None) -> dict[str, Any]:
+                 batch_frames: int | None = None, group_by: str | None = None) -> dict[str, Any]:
     """Evaluate a run's checkpoint on ``cache``; write ``RUN/eval/<cache-name>/{hyps.jsonl,metrics.json}``.
 
     The cache must come from the same encoder/layers/codec as the run's training cache, and the
-    checkpoint's tokenizer must be the run's (both refused otherwise).
+    checkpoint's tokenizer must be the run's (both refused otherwise). ``group_by`` names a field of the
+    cache's per-utterance metadata (e.g. ``corpus``): the metrics of each of its values go under "groups".
     """
     from hff_cache.batches.from_cache import CacheBatches
     from hff_cache.cache import CacheReader
-    from hff_cache.runs.directory import RunError, check_cache, load_run
     from hff_cache.runtime.distributed import resolve_device
     from hff_cache.tasks.task import load_labels
 
-    run = Path(run)
-    cfg, task, model, doc = load_run(run, checkpoint)
-    if "train" not in doc.get("caches", {}):
+    loaded = load_run(run, checkpoint)
+    cfg, task, model, doc = loaded.config, loaded.task, loaded.model, loaded.doc
+    if "train" not in doc.caches:
         raise RunError(f"{run} was trained online, not from a cache; it has no cache to compare {cache} "
                        "with (use `hff-cache transcribe`)")
     reader = CacheReader(cache, storage_options=storage_options)
-    check_cache(reader, doc["caches"]["train"], what=f"evaluation cache {cache}")
+    check_cache(reader, doc.caches["train"], what=f"evaluation cache {cache}")
+    groups_of = _groups_of(reader, group_by) if group_by else None
     labels_path = labels if labels is not None else cfg.labels
     label_rows = load_labels(labels_path) if labels_path else None
     data = task.prepare(reader, label_rows, split="evaluation")
@@ -101,16 +97,34 @@ def evaluate_run(run: str | Path, cache: str, checkpoint: str = "best", labels: 
                           shuffle=False, in_memory=False, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
     model.to(dev)
     result = evaluate_model(model, source, task, dict(zip(data.ids, data.refs, strict=True)), dev)
-    out = run / "eval" / cache_name(cache)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "hyps.jsonl").open("w", encoding="utf-8") as f:
-        for row in result.rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    out = loaded.run.eval_dir(cache_name(cache))
     summary = {"run": str(run), "cache": str(cache), "checkpoint": checkpoint, "task": task.name,
                "cache_id": reader.cache_id, **result.metrics, "hyps": str(out / "hyps.jsonl")}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    if groups_of is not None:
+        summary["group_by"] = group_by
+        summary["groups"] = group_metrics(task.name, result.rows, groups_of)
+    loaded.run.write_evaluation(cache_name(cache), result.rows, summary)
     return summary
 
 
+MISSING_GROUP = "(none)"  # the group of utterances whose metadata lacks the field
 
 
+def _groups_of(reader: Any, group_by: str) -> dict[str, str]:
+    """{utterance id: its value of the metadata field ``group_by``}; refused when no utterance has it."""
+    values = {uid: meta.get(group_by) for uid, meta in zip(reader.ids, reader.metas, strict=True)}
+    if all(v is None for v in values.values()):
+        fields = sorted({k for meta in reader.metas for k in meta})
+        raise RunError(f"--group-by {group_by}: no utterance of {reader.url} has that metadata field "
+                       f"(fields: {', '.join(fields) or 'none'})")
+    return {uid: MISSING_GROUP if v is None else str(v) for uid, v in values.items()}
+
+
+def group_metrics(task_name: str, rows: list[dict[str, str]], groups_of: dict[str, str]) -> dict[str, Any]:
+    """The task's metrics over the rows of each group (sorted by value), with each group's utterance count."""
+    by_group: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_group.setdefault(groups_of[row["id"]], []).append(row)
+    return {value: {**task_metrics(task_name, [r["ref"] for r in members], [r["hyp"] for r in members]),
+                    "utterances": len(members)}
+            for value, members in sorted(by_group.items())}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from hff_cache.runs.directory import RunDir, RunError
 
 
 def summarize_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -21,11 +22,13 @@ def summarize_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
                                  "fusion": f"single:{r['layer']}",
                                  **{k: float(v) for k, v in r.items() if k != "layer" and v != ""}})
             continue
-        path = run / "metrics.json"
-        if not path.exists():
+        try:
+            m = RunDir(run).read_metrics()
+        except RunError:  # a damaged metrics.json: one row says so, the others still print
+            m = {"task": "damaged"}
+        if m is None:
             rows.append({"run": run.name, "task": "missing"})
             continue
-        m = json.loads(path.read_text())
         rows.append({"run": run.name, "task": m.get("task"), "fusion": m.get("fusion"),
                      **{k: m[k] for k in ("wer", "cer", "per", "accuracy", "best_epoch", "trainable_params",
                                           "epoch_seconds", "step_time_ms") if m.get(k) is not None}})

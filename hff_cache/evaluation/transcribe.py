@@ -1,9 +1,8 @@
 """``hff-cache transcribe``: a trained run (cached or online) applied to new audio.
 
-The run names its encoder: online runs in ``config.json``'s ``encoder`` section, cached runs in the
-training cache's metadata. The encoder is loaded frozen and checked against the file hash recorded at
-training time; the run's method is set up again (adapters attached, trained encoder weights loaded from
-the checkpoint), then fusion, head and greedy decoding run on length-sorted batches of audio.
+The run is loaded with its encoder (``hff_cache.runs.loading.load_run``: the encoder the run names, checked
+against the file hash recorded at training time, its method set up again, the checkpoint's weights), then
+fusion, head and greedy decoding run on length-sorted batches of audio.
 
 A cached run sees features computed at full precision here, while it trained on the cache's codec
 (fp16 by default): the difference is the codec's rounding, far below what changes a greedy decode.
@@ -13,74 +12,22 @@ buffers), so it is applied here exactly as in training.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from hff_cache.intake.manifests import Utterance, load_intake
+from hff_cache.runs.loading import LoadedRun, load_run
 
 __all__ = ["LoadedRun", "audio_utterances", "load_for_inference", "transcribe"]
 
 
-@dataclass
-class LoadedRun:
-    model: Any  # HFFModel with its encoder
-    task: Any  # Task (tokenizer)
-    doc: dict[str, Any]  # the run's config.json
-    encoder_name: str
-
-
-def _encoder_identity(doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(encoder name, EncoderInfo dict) recorded by the run."""
-    if doc.get("mode") == "online":
-        return doc["encoder"]["name"], doc["encoder"]["info"]
-    try:
-        info = doc["caches"]["train"]["meta"]["encoder"]
-    except KeyError:
-        from hff_cache.runs.directory import RunError
-
-        raise RunError("the run's config.json names no encoder (no cache metadata)") from None
-    return info["name"], info
-
-
 def load_for_inference(run: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu",
                        encoder_name: str | None = None) -> LoadedRun:
-    """Rebuild a run's full model (encoder + method + fusion + head) with ``checkpoint`` weights.
-
-    ``encoder_name`` overrides the recorded name (e.g. a local copy of the same model); the weights must
-    still hash to what the run recorded.
-    """
-    from hff_cache.encoders import load_encoder
-    from hff_cache.model.adapters import setup_method
-    from hff_cache.model.hff import HFFModel, ModelSpec
-    from hff_cache.runs.directory import CONFIG, RunError, load_weights
-    from hff_cache.tasks.task import Task
-    from hff_cache.tasks.tokenizers import tokenizer_from_dict
-
-    run = Path(run)
-    if not (run / CONFIG).exists():
-        raise RunError(f"{run} is not a run directory (no {CONFIG})")
-    doc = json.loads((run / CONFIG).read_text())
-    name, info = _encoder_identity(doc)
-    encoder = load_encoder(encoder_name or name, "cpu")
-    recorded = info.get("file_hash")
-    if recorded and encoder.info.file_hash != recorded:
-        raise RunError(f"encoder {encoder_name or name} has weights {encoder.info.file_hash[:12]}, but the run "
-                       f"was trained on {recorded[:12]}: its fusion and head would read other features")
-    if doc.get("mode") == "online":
-        # the method decides which encoder weights the checkpoint holds (adapters, biases, all)
-        setup_method(encoder, doc["encoder"]["method"], int(doc["encoder"].get("bottleneck") or 64))
-    task = Task(doc["task"]["name"], tokenizer_from_dict(doc["task"]["tokenizer"]))
-    model = HFFModel(ModelSpec.from_dict(doc["model"]), encoder=encoder)
-    path = run / "checkpoints" / f"{checkpoint}.safetensors"
-    if not path.exists():
-        raise RunError(f"{run}: no checkpoint {path.name}")
-    load_weights(model, path, task.tokenizer.fingerprint())
-    return LoadedRun(model.to(device).eval(), task, doc, encoder_name or name)
+    """A run's full model (encoder + method + fusion + head) with ``checkpoint`` weights: ``load_run`` with
+    the encoder. ``encoder_name`` overrides the recorded name; the weights must still hash as recorded."""
+    return load_run(run, checkpoint, with_encoder=True, encoder_name=encoder_name, device=device)
 
 
 def audio_utterances(paths: Sequence[str | Path]) -> list[Utterance]:
@@ -108,7 +55,7 @@ def transcribe(run: str | Path, audio: Sequence[str | Path] = (), data: str | No
     if not utts:
         raise ValueError("nothing to transcribe: give audio files or --data")
     dev = resolve_device(device)
-    loaded = load_for_inference(run, checkpoint, dev, encoder_name)
+    loaded = load_run(run, checkpoint, with_encoder=True, encoder_name=encoder_name, device=dev)
     model, tok = loaded.model, loaded.task.tokenizer
     source = AudioBatches(utts, model.encoder, batch_seconds=batch_seconds, shuffle=False,
                           num_workers=num_workers, max_batch_utts=64)

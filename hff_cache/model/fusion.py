@@ -30,7 +30,7 @@ naive 4-group ladder 63). Three defaults address it, each switchable for ablatio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -56,41 +56,24 @@ _ALIASES = {"hff": "hierarchical"}
 ONE_LAYER = ("last", "single")  # kinds that read one hidden state: the loader fetches only that one
 
 
-@dataclass
-class FusionConfig:
-    kind: str = "hierarchical"  # "last" | "single:K" | "weighted" | "hierarchical"
-    groups: int = 4  # G for hierarchical (clipped to L)
-    width: int = 256  # d
-    blocks: int = 2  # downstream depth, identical for every kind
-    kernel: int = 5  # depthwise conv kernel (odd)
-    dropout: float = 0.1
-    layer_norm: bool = True  # parameter-free per-layer LayerNorm before mixing
-    top_init: float = 5.0  # logit bias of each group's top layer (0 = uniform softmax); 5 > 2 measured
-    rung_gate_init: float | None = 0.1  # gate on the lower ladder at the top rung; None = no gate
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def fusion_choices() -> str:
     return ", ".join(k if k != "single" else "single:K" for k in FUSIONS)
+
+
+@dataclass
+class FusionConfig:
+    # metadata["help"] is the CLI's help for each field (`hff-cache train --help` is derived from it)
+    kind: str = field(default="hierarchical", metadata={"help": f"Fusion kind: {fusion_choices()}"})
+    groups: int = field(default=4, metadata={"help": "Hierarchical groups G (clipped to the layers read)"})
+    width: int = field(default=256, metadata={"help": "Fusion/downstream width d"})
+    blocks: int = field(default=2, metadata={"help": "Downstream residual blocks (the same for every kind)"})
+    kernel: int = field(default=5, metadata={"help": "Depthwise conv kernel (odd)"})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout"})
+    layer_norm: bool = field(default=True, metadata={"help": "Parameter-free LayerNorm per layer before mixing"})
+    # 5 > 2 measured (docs/cli.md); 0 gives a uniform softmax
+    top_init: float = field(default=5.0, metadata={"help": "Initial logit of each group's top layer"})
+    rung_gate_init: float | None = field(default=0.1, metadata={
+        "help": "Gate on the lower ladder at the top rung, or 'none' (the naive ladder)"})
 
 
 def parse_kind(kind: str) -> tuple[str, int | None]:

@@ -26,16 +26,23 @@ from typing import Any
 from hff_cache.tasks.tokenizers import CharTokenizer, LabelEncoder, PhoneTokenizer, normalize_text
 
 __all__ = [
+    "TASKS",
     "LabelError",
     "LabelWarning",
     "Task",
     "TaskData",
+    "check_task_name",
+    "label_field",
     "load_labels",
     "parse_textgrid",
     "phone_labels",
+    "task_choices",
     "write_jsonl",
 ]
 
+# The registry: task name -> the labels field its targets come from. ``classify`` is written ``classify:FIELD``
+# and reads FIELD (or ``label``). A new task is one entry here plus its tokenizer in ``Task.from_labels``.
+TASKS: dict[str, str | None] = {"asr": "text", "phones": "phones", "classify": None}
 SILENCES = ("", "sil", "sp", "spn")  # MFA's silence / spoken-noise labels; not phones to recognise
 _STRESS = re.compile(r"(?<=[A-Za-z])\d+$")
 _SHOW = 5  # ids listed in a coverage message
@@ -47,6 +54,25 @@ class LabelError(ValueError):
 
 class LabelWarning(UserWarning):
     """Partial coverage: some ids are dropped or some symbols are unknown."""
+
+
+def task_choices() -> str:
+    return " | ".join(f"{name}:FIELD" if TASKS[name] is None else name for name in TASKS)
+
+
+def check_task_name(name: str) -> str:
+    """``name`` stripped, or a ValueError listing the registry's task names."""
+    task = str(name).strip()
+    base, sep, arg = task.partition(":")
+    if base in TASKS and (bool(arg.strip()) if TASKS[base] is None else not sep):
+        return task
+    raise ValueError(f"unknown task {name!r}; the task must be one of {task_choices()}")
+
+
+def label_field(name: str) -> str:
+    """The labels field a task's targets come from (``classify:FIELD`` -> FIELD)."""
+    base, _, arg = name.partition(":")
+    return TASKS.get(base) or arg
 
 
 def _some(ids: Sequence[str]) -> str:
@@ -169,7 +195,7 @@ class Task:
 
     @property
     def field(self) -> str:
-        return {"asr": "text", "phones": "phones"}.get(self.name, self.name.partition(":")[2])
+        return label_field(self.name)
 
     @property
     def metric(self) -> str:
@@ -179,6 +205,7 @@ class Task:
     @classmethod
     def from_labels(cls, name: str, reader: Any, labels: dict[str, dict] | None = None) -> Task:
         """Build the tokenizer from the training cache's labels."""
+        check_task_name(name)
         raw, _ = raw_labels(name, reader, labels)
         if not raw:
             raise _no_labels(name, reader, labels, "train")
@@ -257,7 +284,7 @@ def _unknown_symbols(tok: Any, ref: str) -> set[str]:
 
 def raw_labels(name: str, reader: Any, labels: dict[str, dict] | None) -> tuple[dict[str, str], list[str]]:
     """{cache id: raw label string} for the task, plus cache ids without one (in cache order)."""
-    field_name = {"asr": "text", "phones": "phones"}.get(name, name.partition(":")[2])
+    field_name = label_field(name)
     out: dict[str, str] = {}
     missing: list[str] = []
     for i, uid in enumerate(reader.ids):

@@ -11,7 +11,7 @@ from hff_cache.config import TrainConfig, to_dict
 from hff_cache.model.augment import SpecAugment
 from hff_cache.model.fusion import layers_to_read
 from hff_cache.model.hff import HFFModel, ModelSpec
-from hff_cache.runs.directory import RunError, _redacted, cache_doc, check_cache, storage_options_for
+from hff_cache.runs.document import CacheRecord, RunDocument, RunError, TaskRecord, check_cache, storage_options_for
 from hff_cache.runtime import distributed
 from hff_cache.runtime.environment import environment
 from hff_cache.tasks.task import Task
@@ -29,9 +29,14 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = _log) -> Setup:
     valid_reader = (CacheReader(cfg.valid_cache, storage_options=storage_options_for(cfg.valid_cache, cfg))
                     if cfg.valid_cache else None)
     if valid_reader is not None:
-        check_cache(valid_reader, cache_doc(reader, len(reader)), what=f"validation cache {cfg.valid_cache}")
+        check_cache(valid_reader, CacheRecord.of(reader, len(reader)), what=f"validation cache {cfg.valid_cache}")
     labels = load_labels(cfg.labels) if cfg.labels else None
-    if labels is not None:
+    valid_labels = load_labels(cfg.valid_labels) if cfg.valid_labels else labels
+    if cfg.valid_labels:  # one file per cache (a split kept in label files): each is checked against its own
+        for rows, r in ((labels, reader), (valid_labels, valid_reader)):
+            if rows is not None:
+                report_label_ids(rows, [r])
+    elif labels is not None:
         report_label_ids(labels, [r for r in (reader, valid_reader) if r is not None])
     layers = list(cfg.layers) if cfg.layers is not None else list(reader.meta.layers)
     missing = [k for k in layers if k not in reader.meta.layers]
@@ -53,7 +58,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = _log) -> Setup:
                              shuffle_frames=cfg.shuffle_frames, **common)
     valid_src, valid_refs, valid_n = None, {}, 0
     if valid_reader is not None:
-        valid_data = task.prepare(valid_reader, labels, "valid")
+        valid_data = task.prepare(valid_reader, valid_labels, "valid")
         valid_src = CacheBatches(valid_reader, valid_data, shuffle=False, **common)
         valid_refs, valid_n = dict(zip(valid_data.ids, valid_data.refs, strict=True)), len(valid_data)
     torch.manual_seed(cfg.seed)
@@ -68,17 +73,14 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = _log) -> Setup:
         if stats is None:
             raise RunError(f"{cfg.cache} has no layer statistics; use --normalize none")
         model.set_stats(*stats)
-    caches = {"train": cache_doc(reader, len(train_data))}
+    caches = {"train": CacheRecord.of(reader, len(train_data))}
     if valid_reader is not None:
-        caches["valid"] = cache_doc(valid_reader, valid_n)
-    doc = {"mode": "cached", "config": _redacted(to_dict(cfg)), "model": spec.to_dict(),
-           "task": {**task.to_dict(), "fingerprint": task.tokenizer.fingerprint()}, "caches": caches,
-           "environment": environment()}
+        caches["valid"] = CacheRecord.of(valid_reader, valid_n)
+    doc = RunDocument(mode="cached", config=cfg, model=spec, task=TaskRecord.of(task), caches=caches,
+                      environment=environment(), world_size=d.world_size)
     log(f"task {task.name}: {len(train_data)} train / {valid_n} valid utterances, vocabulary "
         f"{task.tokenizer.vocab_size}; {len(train_src)} batches/epoch; in_memory={train_src.in_memory}")
     return Setup(model, task, train_src, valid_src, valid_refs, doc)
-
-
 
 
 def train(cfg: TrainConfig, on_epoch_end: Callable[[int, dict], None] | None = None,

@@ -64,7 +64,7 @@ def prepare_online(cfg: Any, log: Callable[[str], None] = print) -> tuple[Any, A
     from hff_cache.model.augment import SpecAugment
     from hff_cache.model.fusion import layers_to_read
     from hff_cache.model.hff import HFFModel, ModelSpec
-    from hff_cache.runs.directory import RunError
+    from hff_cache.runs.document import EncoderRecord, RunDocument, RunError, TaskRecord
     from hff_cache.runtime.environment import environment
     from hff_cache.tasks.task import Task, load_labels, report_label_ids
     from hff_cache.training.loop import Setup
@@ -128,12 +128,11 @@ def prepare_online(cfg: Any, log: Callable[[str], None] = print) -> tuple[Any, A
         valid_refs = dict(zip(valid_data.ids, valid_data.refs, strict=True))
         data_doc["valid"] = _data_doc(cfg.valid_data, v_utts)
     counts = encoder_parameter_counts(encoder)
-    doc = {"mode": "online", "config": to_dict(cfg), "model": spec.to_dict(),
-           "task": {**task.to_dict(), "fingerprint": task.tokenizer.fingerprint()},
-           "encoder": {"name": cfg.model, "info": encoder.info.to_dict(), "method": cfg.method,
-                       "bottleneck": cfg.bottleneck if cfg.method in ("hff-adapters", "adapters") else None,
-                       "grad_checkpointing": cfg.grad_checkpointing, "eval_mode": True, **counts},
-           "data": data_doc, "caches": {}, "environment": environment()}
+    record = EncoderRecord(name=cfg.model, info=encoder.info.to_dict(), method=cfg.method,
+                           bottleneck=cfg.bottleneck if cfg.method in ("hff-adapters", "adapters") else None,
+                           grad_checkpointing=cfg.grad_checkpointing, eval_mode=True, counts=counts)
+    doc = RunDocument(mode="online", config=cfg, model=spec, task=TaskRecord.of(task), encoder=record,
+                      data=data_doc, environment=environment(), world_size=d.world_size)
     log(f"online {cfg.method} on {cfg.model}: {len(by_index)} train / {len(valid_refs)} valid utterances "
         f"({train_src.seconds / 60:.1f} min), {len(train_src)} batches/epoch; trainable encoder params "
         f"{counts['trainable_encoder_params']:,} of {counts['encoder_params']:,}; fusion {fusion.kind} over "

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from hff_cache.config import TrainConfig
+from hff_cache.runs.directory import RunDir
 
 __all__ = ["probe"]
 
@@ -43,9 +43,8 @@ def probe(base: TrainConfig, out: str | Path, layers: Sequence[int] | None = Non
         run = out / f"layer_{k:02d}"
         fusion = dataclasses.replace(base.fusion, kind="last")
         cfg = dataclasses.replace(base, layers=[k], fusion=fusion, out=str(run))
-        done = run / "metrics.json"
-        if done.exists() and not base.force:
-            metrics = json.loads(done.read_text())
+        metrics = None if base.force else RunDir(run).read_metrics()  # a finished layer's run is reused
+        if metrics is not None:
             log(f"probe layer {k}: reusing {run}")
         else:
             log(f"probe layer {k}: training {run}")
