@@ -27,7 +27,7 @@ from hff_cache.config import (
     train_config,
 )
 from hff_cache.demo import DemoConfig
-from hff_cache.training.online import ENCODER_LR
+from hff_cache.model.adapters import METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Extract a frozen speech encoder once into a Zarr feature cache; train layer fusion "
@@ -274,7 +274,7 @@ def _train_errors() -> tuple[type[Exception], ...]:
     return (RunError, LabelError, CacheFormatError, FileNotFoundError, ValueError)
 
 
-_ENCODER_LR_DEFAULTS = ", ".join(f"{method} {lr:g}" for method, lr in ENCODER_LR.items())
+_ENCODER_LR_DEFAULTS = ", ".join(f"{name} {m.encoder_lr:g}" for name, m in METHODS.items() if m.encoder_lr)
 TRAIN_OPTIONS = config_options(TrainConfig, {
     "out": _OUT, "layers": _LAYERS, "storage_options": _STORAGE, "model": _MODEL, "data": _DATA,
     "fusion.kind": Flag(decls=("--fusion",)),

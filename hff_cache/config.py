@@ -77,6 +77,8 @@ class ExtractConfig:
     num_shards: int = setting(1, "Split the work into N duration-balanced shards (SLURM arrays, torchrun)")
     shard_index: int = setting(0, "This worker's shard")
     loader_threads: int = setting(2, "Audio decoding/resampling threads ahead of the encoder")
+    threads: int = setting(0, "torch intra-op threads (0: the CPUs this process may use: affinity and cgroup "
+                              "quota)")
     whisper_window: str = setting("real", " | ".join(WHISPER_WINDOWS) + ": Whisper at the real length, or on its "
                                   "padded 30 s window with the output trimmed to the real frames")
     storage_options: dict[str, Any] = setting(help="fsspec option key=value (repeatable), e.g. "
@@ -158,7 +160,8 @@ class TrainConfig:
     num_workers: int = setting(2, "Decode threads when streaming")
     prefetch: int = setting(4, "Batches decoded ahead")
     device: str = setting("auto", "auto | cpu | cuda")
-    threads: int = setting(0, "torch threads (0: torch's default, one per core)")
+    threads: int = setting(0, "torch intra-op threads (0: the CPUs this process may use: affinity and cgroup "
+                              "quota); 1 can be far faster on a CPU other jobs share (docs/cli.md)")
     eval_every: int = setting(1, "Validate every N epochs (and after the last)")
     resume: bool = setting(False, "Continue the run in OUT from its last checkpoint")
     force: bool = setting(False, "Start over in OUT even if it holds another run")

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hff_cache.batches.from_audio import AudioBatches, spread_subset
+from hff_cache.batches.from_audio import AudioBatches
 from hff_cache.config import TrainConfig
 from hff_cache.encoders.tiny import tiny_encoder
 from hff_cache.intake.manifests import load_intake
+from hff_cache.intake.selection import spread_subset
 from hff_cache.model.adapters import enable_grad_checkpointing, setup_method
 from hff_cache.model.fusion import FusionConfig
 from hff_cache.testing import tiny_cache, write_corpus
@@ -117,13 +118,13 @@ def test_one_step_changes_exactly_what_the_method_trains(corpus: Path, tmp_path:
 
 
 def test_checkpoint_round_trip_rebuilds_the_trained_model(corpus: Path, tmp_path: Path) -> None:
-    from hff_cache.evaluation.transcribe import load_for_inference
+    from hff_cache.runs.loading import load_run
 
     for method in ("bitfit", "hff-adapters"):
         cfg = _cfg(corpus, tmp_path / method, "wav2vec2", method, max_train_utts=2)
         setup, cfg = prepare_online(cfg, log=lambda s: None)
         fit(setup, cfg, log=lambda s: None)
-        loaded = load_for_inference(tmp_path / method, "last")
+        loaded = load_run(tmp_path / method, "last", with_encoder=True)
         want, got = setup.model.state_dict(), loaded.model.state_dict()
         assert want.keys() == got.keys()
         assert all(torch.equal(want[k], got[k]) for k in want)

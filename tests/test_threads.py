@@ -71,3 +71,18 @@ def test_load_watch_reports_the_load_it_saw(monkeypatch: pytest.MonkeyPatch) -> 
     quiet = threads.LoadWatch(own=2)
     quiet.samples = [0.9, 1.2]
     assert not quiet.loaded and quiet.line().endswith("quiet")
+
+
+def test_slow_step_watch_speaks_once_when_an_epoch_crawls() -> None:
+    from hff_cache.runtime.threads import SlowStepWatch
+
+    watch = SlowStepWatch(factor=3.0, skip=2, reference=5, window=5)
+    steady = [watch.add(0.1) for _ in range(20)]
+    assert steady == [None] * 20  # a steady epoch says nothing
+    watch.new_epoch()
+    said = [watch.add(t) for t in [0.5, 0.5] + [0.1] * 5 + [0.35] * 5]
+    assert said[-1] is not None and "3.5x" in said[-1] and "--threads 1" in said[-1]
+    assert all(s is None for s in said[:-1])
+    assert watch.add(1.0) is None  # once per run
+    watch.new_epoch()
+    assert [watch.add(t) for t in [0.1] * 7 + [1.0] * 5] == [None] * 12

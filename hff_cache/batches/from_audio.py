@@ -14,7 +14,6 @@ import torch
 from hff_cache.batches.common import collate_targets
 from hff_cache.intake.audio import audio_duration
 from hff_cache.intake.manifests import Utterance
-from hff_cache.intake.selection import spread_subset  # noqa: F401  (online set-up imports it from here)
 from hff_cache.model.batch import Batch
 from hff_cache.runtime import distributed
 from hff_cache.runtime.planning import plan_batches

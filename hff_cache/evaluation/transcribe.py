@@ -17,17 +17,11 @@ from pathlib import Path
 
 import torch
 
+from hff_cache.config import TRANSCRIBE_BATCH_SECONDS
 from hff_cache.intake.manifests import Utterance, load_intake
-from hff_cache.runs.loading import LoadedRun, load_run
+from hff_cache.runs.loading import load_run
 
-__all__ = ["LoadedRun", "audio_utterances", "load_for_inference", "transcribe"]
-
-
-def load_for_inference(run: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu",
-                       encoder_name: str | None = None) -> LoadedRun:
-    """A run's full model (encoder + method + fusion + head) with ``checkpoint`` weights: ``load_run`` with
-    the encoder. ``encoder_name`` overrides the recorded name; the weights must still hash as recorded."""
-    return load_run(run, checkpoint, with_encoder=True, encoder_name=encoder_name, device=device)
+__all__ = ["audio_utterances", "transcribe"]
 
 
 def audio_utterances(paths: Sequence[str | Path]) -> list[Utterance]:
@@ -42,7 +36,7 @@ def audio_utterances(paths: Sequence[str | Path]) -> list[Utterance]:
 
 @torch.no_grad()
 def transcribe(run: str | Path, audio: Sequence[str | Path] = (), data: str | None = None,
-               checkpoint: str = "best", device: str = "auto", batch_seconds: float = 120.0,
+               checkpoint: str = "best", device: str = "auto", batch_seconds: float = TRANSCRIBE_BATCH_SECONDS,
                num_workers: int = 2, encoder_name: str | None = None) -> list[tuple[str, str]]:
     """[(id, text)] for ``audio`` files and/or a ``data`` manifest, in input order.
 

@@ -113,14 +113,18 @@ class Method:
     setup: Callable[[SpeechEncoder, int], None]  # (encoder, bottleneck) -> None
     hierarchical: bool
     trains_encoder: bool = True
+    # LR of the encoder's own weights when --encoder-lr is not given (None: the head's --lr). Full fine-tuning
+    # needs a far smaller step than a freshly initialised head; BitFit's few biases tolerate a larger one.
+    encoder_lr: float | None = None
+    uses_adapters: bool = False
 
 
 # The registry. A new method is one function (or file) plus one line here; docs/contributing.md.
 METHODS: dict[str, Method] = {
-    "hff-adapters": Method(_adapters_everywhere, hierarchical=True),
-    "adapters": Method(_adapter_on_top, hierarchical=False),
-    "bitfit": Method(lambda enc, _: _unfreeze(enc, biases_only=True), hierarchical=False),
-    "full": Method(lambda enc, _: _unfreeze(enc, biases_only=False), hierarchical=False),
+    "hff-adapters": Method(_adapters_everywhere, hierarchical=True, uses_adapters=True),
+    "adapters": Method(_adapter_on_top, hierarchical=False, uses_adapters=True),
+    "bitfit": Method(lambda enc, _: _unfreeze(enc, biases_only=True), hierarchical=False, encoder_lr=5e-4),
+    "full": Method(lambda enc, _: _unfreeze(enc, biases_only=False), hierarchical=False, encoder_lr=5e-5),
     "hff-frozen": Method(lambda enc, _: None, hierarchical=True, trains_encoder=False),
 }
 

@@ -68,7 +68,8 @@ def _rebuild_encoder(doc: RunDocument, override: str | None) -> tuple[Any, str]:
 
     name, info = doc.encoder_identity()
     name = override or name
-    encoder = load_encoder(name, "cpu")
+    # a cache extracted on Whisper's 30 s window trained the head on those features: run the encoder the same way
+    encoder = load_encoder(name, "cpu", whisper_window=info.get("input_window") or "real")
     recorded = info.get("file_hash")
     if recorded and encoder.info.file_hash != recorded:
         raise RunError(f"encoder {name} has weights {encoder.info.file_hash[:12]}, but the run was trained on "

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["LoadWatch", "cgroup_cpu_limit", "set_threads", "usable_cpus", "warn_if_loaded"]
+__all__ = ["LoadWatch", "SlowStepWatch", "cgroup_cpu_limit", "set_threads", "usable_cpus", "warn_if_loaded"]
 
 _CGROUP = Path("/sys/fs/cgroup")
 
@@ -113,3 +113,37 @@ def warn_if_loaded(log: Callable[[str], object] | None = None) -> bool:
                "cores, so the timings will not be comparable; rerun on a quiet machine")
     (log or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
     return True
+
+
+class SlowStepWatch:
+    """Notices, once per run, when an epoch's steps run far slower than that epoch's own first steps: the
+    signature of an oversubscribed OpenMP team (other CPU-bound jobs on the cores torch's threads use).
+
+    ``reference`` steps after ``skip`` warm-up steps set the epoch's pace; a later window of ``window`` steps
+    whose median is ``factor`` times that pace or more triggers the message."""
+
+    def __init__(self, factor: float = 3.0, skip: int = 3, reference: int = 10, window: int = 10) -> None:
+        self.factor, self.skip, self.reference, self.window = factor, skip, reference, window
+        self.warned = False
+        self.new_epoch()
+
+    def new_epoch(self) -> None:
+        self.steps: list[float] = []
+
+    def add(self, seconds: float) -> str | None:
+        """Record one step; the message to log (once per run), or None."""
+        self.steps.append(seconds)
+        first = self.steps[self.skip:self.skip + self.reference]
+        recent = self.steps[-self.window:]
+        if self.warned or len(self.steps) < self.skip + self.reference + self.window:
+            return None
+        pace, now = sorted(first)[len(first) // 2], sorted(recent)[len(recent) // 2]
+        if now < self.factor * pace:
+            return None
+        self.warned = True
+        import torch
+
+        return (f"steps now take {now / pace:.1f}x this epoch's first steps ({1000 * now:.0f} ms vs "
+                f"{1000 * pace:.0f} ms) with {torch.get_num_threads()} torch threads and load average "
+                f"{os.getloadavg()[0]:.1f} on {usable_cpus()} usable CPUs: other CPU-bound jobs probably share the "
+                "cores, and an oversubscribed thread team crawls. Try --threads 1 (or fewer jobs at once).")

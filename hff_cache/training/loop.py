@@ -24,6 +24,7 @@ from hff_cache.model.hff import HFFModel
 from hff_cache.runs.directory import CURVES, LAYER_WEIGHTS, RunDir, RunError
 from hff_cache.runs.document import RunDocument
 from hff_cache.runtime import distributed
+from hff_cache.runtime.threads import SlowStepWatch, set_threads
 from hff_cache.tasks.task import Task
 from hff_cache.training.optim import _param_groups, lr_factor
 
@@ -86,6 +87,8 @@ class _Job:
     net: torch.nn.Module | None = None  # the model, or its DistributedDataParallel wrapper
     params: int = 0
     scalars: Any | None = None  # TensorBoardScalars on rank 0 with --tensorboard
+    threads: int = 0  # torch intra-op threads this run uses
+    slow: SlowStepWatch = field(default_factory=SlowStepWatch)
 
     @property
     def model(self) -> HFFModel:
@@ -133,8 +136,8 @@ def _start(setup: Setup, cfg: TrainConfig, run: RunDir, d: distributed.Dist, dev
     model = setup.model
     if d.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    threads = set_threads(cfg.threads)  # --threads, else the CPUs this process may use (not os.cpu_count())
+    setup.doc.environment["torch_threads"] = str(threads)
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -142,7 +145,7 @@ def _start(setup: Setup, cfg: TrainConfig, run: RunDir, d: distributed.Dist, dev
     gen = torch.Generator().manual_seed(cfg.seed + d.rank)  # SpecAugment masks (their own per rank)
     if d.enabled:
         torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout: other masks on each rank (weights are set)
-    job = _Job(setup, cfg, run, d, device, opt, gen, log)
+    job = _Job(setup, cfg, run, d, device, opt, gen, log, threads=threads)
     st = _resume(job) if resume else LoopState()
     if d.is_main:
         run.write_document(setup.doc)
@@ -196,6 +199,7 @@ def _train_epoch(job: _Job, st: LoopState, nb: int) -> tuple[dict[str, Any], flo
     cfg, d, opt, model = job.cfg, job.d, job.opt, job.model
     epoch = st.epoch
     job.net.train()
+    job.slow.new_epoch()
     t0 = time.perf_counter()
     loss_sum, utts, lr = 0.0, 0, cfg.lr
     t_wait = time.perf_counter()
@@ -219,6 +223,9 @@ def _train_epoch(job: _Job, st: LoopState, nb: int) -> tuple[dict[str, Any], flo
             utts += len(batch)
         t_wait = time.perf_counter()
         st.step_ms.append(1000 * (t_wait - t_step))
+        slow = job.slow.add(t_wait - t_step)
+        if slow is not None:
+            job.log(slow)
     st.epoch_s.append(time.perf_counter() - t0)
     loss_sum, utts = d.all_reduce([loss_sum, utts])
     row = {"epoch": epoch + 1, "step": st.step, "train_loss": loss_sum / max(utts, 1),
@@ -274,6 +281,7 @@ def _finish(job: _Job, st: LoopState) -> dict[str, Any]:
     metrics = _final_metrics(st, job.setup.task, job.params, job.setup.doc)
     metrics.update(model.parameter_counts())  # trainable encoder (adapters included) vs fusion + head
     metrics["world_size"] = d.world_size
+    metrics["torch_threads"] = job.threads
     if d.enabled:  # the job's peak is the largest rank's
         metrics["peak_rss_mb"] = d.all_reduce([metrics["peak_rss_mb"]], "max")[0]
     if device.type == "cuda":
