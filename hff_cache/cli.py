@@ -454,8 +454,8 @@ def labels_phones(
 ) -> None:
     """Phone sequences from TextGrids and/or phone JSONL files, in one phone set (silences sil/sp/spn and empty
     intervals dropped; stress digits stripped unless --keep-stress)."""
-    from hff_cache.tasks.phones import phones_from_jsonl
-    from hff_cache.tasks.task import LabelError, phone_labels, write_jsonl
+    from hff_cache.tasks.phones import phone_labels, phones_from_jsonl
+    from hff_cache.tasks.task import LabelError, write_jsonl
 
     if alignments is None and not jsonl:
         _fail("give --alignments DIR and/or --jsonl FILE")

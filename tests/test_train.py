@@ -267,7 +267,7 @@ def test_phone_labels_from_textgrids(tmp_path):
     from typer.testing import CliRunner
 
     from hff_cache.cli import app
-    from hff_cache.tasks.task import parse_textgrid, phone_labels
+    from hff_cache.tasks.phones import parse_textgrid, phone_labels
 
     (tmp_path / "al/19/198").mkdir(parents=True)
     (tmp_path / "al/19/198/19-198-0001.TextGrid").write_text(TEXTGRID)

@@ -16,7 +16,6 @@ cache with no labelled utterance at all is an error.
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +33,6 @@ __all__ = [
     "check_task_name",
     "label_field",
     "load_labels",
-    "parse_textgrid",
-    "phone_labels",
     "task_choices",
     "write_jsonl",
 ]
@@ -43,8 +40,6 @@ __all__ = [
 # The registry: task name -> the labels field its targets come from. ``classify`` is written ``classify:FIELD``
 # and reads FIELD (or ``label``). A new task is one entry here plus its tokenizer in ``Task.from_labels``.
 TASKS: dict[str, str | None] = {"asr": "text", "phones": "phones", "classify": None}
-SILENCES = ("", "sil", "sp", "spn")  # MFA's silence / spoken-noise labels; not phones to recognise
-_STRESS = re.compile(r"(?<=[A-Za-z])\d+$")
 _SHOW = 5  # ids listed in a coverage message
 
 
@@ -114,53 +109,8 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> int:
     return n
 
 
-def parse_textgrid(path: str | Path) -> dict[str, list[tuple[float, float, str]]]:
-    """Interval tiers of a Praat TextGrid (long text format, as MFA writes): {tier: [(xmin, xmax, text)]}."""
-    tiers: dict[str, list[tuple[float, float, str]]] = {}
-    current: list[tuple[float, float, str]] | None = None
-    xmin = xmax = None
-    in_interval = False
-    for raw in Path(path).read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        key, _, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if key == "name" and value.startswith('"'):
-            current = tiers.setdefault(value.strip('"'), [])
-            in_interval = False
-        elif line.startswith("intervals ["):
-            in_interval, xmin, xmax = True, None, None
-        elif in_interval and key == "xmin":
-            xmin = float(value)
-        elif in_interval and key == "xmax":
-            xmax = float(value)
-        elif in_interval and key == "text" and current is not None:
-            # Praat escapes a quote inside text by doubling it
-            current.append((float(xmin or 0.0), float(xmax or 0.0), value[1:-1].replace('""', '"')))
-            in_interval = False
-    return tiers
 
 
-def phone_labels(alignments: str | Path, tier: str = "phones", strip_stress: bool = True,
-                 drop: Sequence[str] = SILENCES) -> list[dict[str, str]]:
-    """One ``{"id", "phones"}`` row per TextGrid under ``alignments`` (id = file stem), sorted by id.
-
-    Silence and spoken-noise intervals (``drop``, compared case-insensitively) are removed; stress digits
-    (AH0 -> AH) are stripped by default, which is the usual 39-phone-ish ARPAbet set.
-    """
-    files = sorted(Path(alignments).rglob("*.TextGrid"))
-    if not files:
-        raise LabelError(f"{alignments}: no .TextGrid files found")
-    dropped = {d.lower() for d in drop}
-    rows = []
-    for f in files:
-        tiers = parse_textgrid(f)
-        if tier not in tiers:
-            raise LabelError(f"{f}: no tier named {tier!r} (tiers: {sorted(tiers)})")
-        phones = [t for _, _, t in tiers[tier] if t.strip().lower() not in dropped]
-        if strip_stress:
-            phones = [_STRESS.sub("", p) for p in phones]
-        rows.append({"id": f.stem, "phones": " ".join(phones)})
-    return rows
 
 
 
