@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,22 +90,50 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Run every stage; return the summary written to ``DIR/results.json``."""
-    from tqdm.auto import tqdm
-
-    from hff_cache.cache import CacheReader
-    from hff_cache.config import ExtractConfig, TrainConfig
-    from hff_cache.extraction.extract import extract
-    from hff_cache.intake.synth import SynthConfig, synthesize_corpus
-    from hff_cache.model.fusion import FusionConfig
-    from hff_cache.training.probe import probe
-
+    _import_stages()
     cfg = cfg.resolved()
     assert cfg.model is not None and cfg.epochs is not None and cfg.probe_epochs is not None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    times: dict[str, float] = {}
+    run = _DemoRun(cfg, out, log)
+    train_m, valid_m, corpus_id = _corpus_stage(run)
+    caches, info = _extract_stage(run, corpus_id, train_m, valid_m)
+    base = _recipe(run, caches)
+    probe_rows = _probe_stage(run, base, info)
+    rows = _train_stage(run, base)
+    run.times["total"] = time.perf_counter() - t_start
+    return _report_stage(run, info, probe_rows, rows)
 
+
+_STAGE_MODULES = ("tqdm.auto", "hff_cache.cache", "hff_cache.config", "hff_cache.extraction.extract",
+                  "hff_cache.intake.synth", "hff_cache.model.fusion", "hff_cache.training.probe")
+
+
+def _import_stages() -> None:
+    """Load what the stages import (torch, zarr: seconds) before anything runs: the stage times measure the
+    work alone, and a missing dependency fails before the corpus is synthesised."""
+    for name in _STAGE_MODULES:
+        importlib.import_module(name)
+
+
+@dataclass
+class _DemoRun:
+    """What every stage shares: the resolved config, the output folder, the log and the stage times."""
+
+    cfg: DemoConfig
+    out: Path
+    log: Callable[[str], None]
+    times: dict[str, float] = field(default_factory=dict)
+
+
+def _corpus_stage(run: _DemoRun) -> tuple[Path, Path, str]:
+    """Stage 1: the synthetic corpus; returns the train and valid manifests and the corpus's identity."""
+    from tqdm.auto import tqdm
+
+    from hff_cache.intake.synth import SynthConfig, synthesize_corpus
+
+    cfg, out, log = run.cfg, run.out, run.log
     _header(1, f"corpus: {cfg.num_train} train + {cfg.num_valid} valid synthetic utterances", log)
     t0 = time.perf_counter()
     scfg = SynthConfig(out / "corpus", num_train=cfg.num_train, num_valid=cfg.num_valid, seed=cfg.seed)
@@ -112,10 +141,21 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> dict[str, An
                disable=None)
     train_m, valid_m = synthesize_corpus(scfg, progress=lambda d, _t: bar.update(max(0, d - bar.n)))
     bar.close()
-    times["corpus"] = time.perf_counter() - t0
+    run.times["corpus"] = time.perf_counter() - t0
     corpus_id = (out / "corpus" / "synth_config.json").read_text()
-    log(f"corpus: {train_m} / {valid_m} ({times['corpus']:.1f} s)")
+    log(f"corpus: {train_m} / {valid_m} ({run.times['corpus']:.1f} s)")
+    return train_m, valid_m, corpus_id
 
+
+def _extract_stage(run: _DemoRun, corpus_id: str, train_m: Path, valid_m: Path
+                   ) -> tuple[dict[str, str], dict[str, Any]]:
+    """Stage 2: one cache per split; returns the cache paths by split and the train cache's info."""
+    from hff_cache.cache import CacheReader
+    from hff_cache.config import ExtractConfig
+    from hff_cache.extraction.extract import extract
+
+    cfg, out, log = run.cfg, run.out, run.log
+    assert cfg.model is not None
     # Caches live under a key of the corpus and model, so a changed corpus never mixes with stale features.
     _header(2, f"extract once with {cfg.model}", log)
     t0 = time.perf_counter()
@@ -129,20 +169,33 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> dict[str, An
             f"{rep.extracted} utterances, {rep.audio_seconds / 60:.1f} min audio, {rep.realtime_factor:.0f}x "
             "real time")
         log(f"{split}: {ecfg.out} ({what})")
-    times["extract"] = time.perf_counter() - t0
+    run.times["extract"] = time.perf_counter() - t0
     info = CacheReader(caches["train"]).info()
     log(f"cache: {info['utterances']} utterances, {len(info['layers'])} hidden states x {info['hidden_size']}, "
         f"{info['bytes'] / 2**20:.0f} MiB ({info['codec']['name']})")
+    return caches, info
+
+
+def _recipe(run: _DemoRun, caches: dict[str, str]) -> Any:
+    """The training config the probe and the fusions share (a TrainConfig)."""
+    from hff_cache.config import TrainConfig
 
     # A short recipe: a higher LR and smaller batches give CTC enough steps to leave the all-blank phase
     # within a few epochs (the library defaults are tuned for 20+ epochs on real speech).
     # Small batches (~12 utterances) give ~25 updates per epoch over 300 utterances for the same compute.
-    base = TrainConfig(cache=caches["train"], valid_cache=caches["valid"], task="asr", seed=cfg.seed,
-                       threads=cfg.threads, lr=3e-3, batch_frames=1500, max_batch_utts=16, warmup_steps=10)
+    return TrainConfig(cache=caches["train"], valid_cache=caches["valid"], task="asr", seed=run.cfg.seed,
+                       threads=run.cfg.threads, lr=3e-3, batch_frames=1500, max_batch_utts=16, warmup_steps=10)
 
+
+def _probe_stage(run: _DemoRun, base: Any, info: dict[str, Any]) -> list[dict[str, Any]]:
+    """Stage 3: the same small head on each hidden state alone; returns a row per layer."""
+    from hff_cache.model.fusion import FusionConfig
+    from hff_cache.training.probe import probe
+
+    cfg, log = run.cfg, run.log
     _header(3, f"per-layer probe ({len(info['layers'])} hidden states, {cfg.probe_epochs} epochs each)", log)
     t0 = time.perf_counter()
-    probe_dir = out / "probe"
+    probe_dir = run.out / "probe"
     # A constant LR: with a few epochs per layer, a cosine decay stops the probe on the CTC blank plateau.
     pcfg = dataclasses.replace(base, epochs=cfg.probe_epochs, fusion=FusionConfig(kind="last"),
                                out=str(probe_dir), lr_schedule="constant")
@@ -154,27 +207,39 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = _log) -> dict[str, An
     key_file.unlink(missing_ok=True)
     probe_rows = probe(pcfg, probe_dir, log=log)
     key_file.write_text(probe_key)
-    times["probe"] = time.perf_counter() - t0
+    run.times["probe"] = time.perf_counter() - t0
+    return probe_rows
 
+
+def _train_stage(run: _DemoRun, base: Any) -> list[dict[str, Any]]:
+    """Stage 4: every fusion trained from the same cache; returns a result row per fusion."""
+    from hff_cache.model.fusion import FusionConfig
+
+    cfg, log = run.cfg, run.log
     _header(4, f"train {', '.join(FUSIONS)} from the same cache ({cfg.epochs} epochs each)", log)
     t0 = time.perf_counter()
     rows = []
     for kind in FUSIONS:
         log(f"--- fusion {kind}")
-        run = out / "runs" / kind
+        out_run = run.out / "runs" / kind
         m = _train_cached(dataclasses.replace(base, epochs=cfg.epochs, fusion=FusionConfig(kind=kind),
-                                              out=str(run)), log)
+                                              out=str(out_run)), log)
         rows.append({"fusion": kind, "wer": m["wer"], "cer": m["cer"], "trainable_params": m["trainable_params"],
-                     "epoch_seconds": m["epoch_seconds"], "best_epoch": m["best_epoch"], "run": str(run),
+                     "epoch_seconds": m["epoch_seconds"], "best_epoch": m["best_epoch"], "run": str(out_run),
                      "layer_weights": m.get("layer_weights")})
-    times["train"] = time.perf_counter() - t0
-    times["total"] = time.perf_counter() - t_start
+    run.times["train"] = time.perf_counter() - t0
+    return rows
 
-    _header(5, "results", log)
-    plots = {"probe": str(probe_dir / "probe.png"),
+
+def _report_stage(run: _DemoRun, info: dict[str, Any], probe_rows: list[dict[str, Any]],
+                  rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stage 5: write ``results.json`` and ``results.md``, print the table; returns the summary."""
+    out, times = run.out, run.times
+    _header(5, "results", run.log)
+    plots = {"probe": str(out / "probe" / "probe.png"),
              **{f"layer_weights ({k})": str(out / "runs" / k / "layer_weights.png") for k in FUSIONS[1:]},
              **{f"curves ({k})": str(out / "runs" / k / "curves.png") for k in FUSIONS}}
-    summary = {"config": dataclasses.asdict(cfg), "cache": info, "probe": probe_rows, "fusions": rows,
+    summary = {"config": dataclasses.asdict(run.cfg), "cache": info, "probe": probe_rows, "fusions": rows,
                "plots": plots, "seconds": times, "date": time.strftime("%Y-%m-%d %H:%M")}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "results.md").write_text(_markdown(summary))

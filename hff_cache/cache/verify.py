@@ -106,6 +106,25 @@ def verify_cache(url: str, storage_options: dict | None = None, *, scan_values: 
     meta = load_root_meta(store, url)
     codec = get_codec(meta.codec.name, **meta.codec.params)  # unknown codec: CacheFormatError, say so
     rep = VerifyReport(url=str(url), cache_id=cache_id(meta), codec=meta.codec.name, layers=list(meta.layers))
+    committed = _committed_parts(store, rep)
+
+    def check(item: tuple[str, dict]) -> _PartResult:
+        res = _check_part(store, item[0], item[1], meta, codec, scan_values)
+        if on_part is not None:
+            on_part(item[0])
+        return res
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(check, committed))
+    _add_results(rep, committed, results)
+    if not rep.problems:
+        _check_reader(rep, url, storage_options)
+    rep.seconds = time.perf_counter() - start
+    return rep
+
+
+def _committed_parts(store: Any, rep: VerifyReport) -> list[tuple[str, dict]]:
+    """(part id, commit attributes) of every committed part; the others and stray names become warnings."""
     if read_json(store, f"{PARTS}/zarr.json") is None:
         rep.warnings.append(f"{PARTS}/zarr.json is missing (no part was ever started, or it was deleted)")
     pids = list_part_ids(store)
@@ -120,16 +139,11 @@ def verify_cache(url: str, storage_options: dict | None = None, *, scan_values: 
             rep.warnings.append(f"part {pid} is not committed: being written now, or left by an interrupted run "
                                 "(invisible to readers; the next extract of its worker removes and redoes it)")
     rep.committed_parts = len(committed)
+    return committed
 
-    def check(item: tuple[str, dict]) -> _PartResult:
-        res = _check_part(store, item[0], item[1], meta, codec, scan_values)
-        if on_part is not None:
-            on_part(item[0])
-        return res
 
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        results = list(pool.map(check, committed))
-
+def _add_results(rep: VerifyReport, committed: list[tuple[str, dict]], results: list[_PartResult]) -> None:
+    """Add up the parts' results, in part order; report ids repeated across parts, or both kept and skipped."""
     first_part: dict[str, str] = {}
     skipped_ids: set[str] = set()
     for (pid, a), res in zip(committed, results, strict=True):
@@ -153,19 +167,19 @@ def verify_cache(url: str, storage_options: dict | None = None, *, scan_values: 
     both = sorted(skipped_ids & set(first_part))
     if both:
         rep.warnings.append(f"{len(both)} id(s) have features and a skip record, e.g. {both[0]!r}")
-    if not rep.problems:
-        # End to end: the reader must open what the checks above passed (catches gaps in this checker).
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                n = len(CacheReader(url, storage_options))
-            if n < rep.utterances:  # more is fine: parts committed by a live extraction since the scan
-                rep.problems.append(Problem("reader", f"the reader indexes {n} utterances, the parts hold "
-                                            f"{rep.utterances}"))
-        except Exception as e:  # noqa: BLE001 - any failure to open is the finding
-            rep.problems.append(Problem("reader", f"the reader cannot open the cache: {type(e).__name__}: {e}"))
-    rep.seconds = time.perf_counter() - start
-    return rep
+
+
+def _check_reader(rep: VerifyReport, url: str, storage_options: dict | None) -> None:
+    """End to end: the reader must open what the checks passed (catches gaps in this checker)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            n = len(CacheReader(url, storage_options))
+        if n < rep.utterances:  # more is fine: parts committed by a live extraction since the scan
+            rep.problems.append(Problem("reader", f"the reader indexes {n} utterances, the parts hold "
+                                        f"{rep.utterances}"))
+    except Exception as e:  # noqa: BLE001 - any failure to open is the finding
+        rep.problems.append(Problem("reader", f"the reader cannot open the cache: {type(e).__name__}: {e}"))
 
 
 def _stray_names(store: Any, rep: VerifyReport) -> None:
@@ -196,13 +210,38 @@ class _PartResult:
     problems: list[Problem] = field(default_factory=list)
 
 
+@dataclass
+class _PartCheck:
+    """What the checks of one part share: where it is, how to scan it, and what they found so far."""
+
+    store: Any
+    pid: str
+    codec: Codec
+    scan_values: bool
+    res: _PartResult = field(default_factory=_PartResult)
+    index: dict[str, np.ndarray] = field(default_factory=dict)  # the index arrays, read whole
+
+    def bad(self, kind: str, msg: str, array: str | None = None) -> None:
+        self.res.problems.append(Problem(kind, msg, self.pid, array))
+
+
 def _check_part(store: Any, pid: str, attrs: dict, meta: CacheMeta, codec: Codec,
                 scan_values: bool) -> _PartResult:
-    res = _PartResult()
+    pc = _PartCheck(store, pid, codec, scan_values)
+    n_utt, n_frames, sums = _read_marker(attrs, pc.bad)
+    for name, (shape, dtype) in _expected_arrays(meta, codec, n_utt, n_frames, sums).items():
+        arr = _open_expected(pc, name, shape, dtype)
+        if arr is not None:
+            _check_array(pc, name, arr, sums.get(name))
+    _check_index(pc.index, n_frames, pc.bad)
+    if "ids" in pc.index:
+        pc.res.ids = [str(x) for x in pc.index["ids"].tolist()]
+    pc.res.frames = int(n_frames or 0)
+    return pc.res
 
-    def bad(kind: str, msg: str, array: str | None = None) -> None:
-        res.problems.append(Problem(kind, msg, pid, array))
 
+def _read_marker(attrs: dict, bad: Callable[..., None]) -> tuple[int | None, int | None, dict]:
+    """num_utterances, num_frames (None when invalid) and checksums ({} when absent) of a commit marker."""
     n_utt, n_frames = attrs.get("num_utterances"), attrs.get("num_frames")
     if not isinstance(n_utt, int) or not isinstance(n_frames, int) or n_utt < 0 or n_frames < 0:
         bad("index", f"commit marker lacks valid num_utterances/num_frames ({n_utt!r}, {n_frames!r})")
@@ -211,7 +250,12 @@ def _check_part(store: Any, pid: str, attrs: dict, meta: CacheMeta, codec: Codec
     if attrs.get("checksum_algorithm", CHECKSUM_ALGORITHM) != CHECKSUM_ALGORITHM or not isinstance(sums, dict):
         bad("checksum", f"commit marker has no {CHECKSUM_ALGORITHM} checksums")
         sums = {}
+    return n_utt, n_frames, sums
 
+
+def _expected_arrays(meta: CacheMeta, codec: Codec, n_utt: int | None, n_frames: int | None, sums: dict
+                     ) -> dict[str, tuple[tuple[int, ...] | None, np.dtype | None]]:
+    """{array name: (shape, dtype)} a part should hold; None where it cannot be known."""
     D = meta.encoder.hidden_size
     row = codec.row_shape(D)
     expected: dict[str, tuple[tuple[int, ...] | None, np.dtype | None]] = {}
@@ -227,49 +271,49 @@ def _check_part(store: Any, pid: str, attrs: dict, meta: CacheMeta, codec: Codec
             expected[side_name(suffix, k)] = (full if n_frames is not None or not per_frame else None, dtype)
     for name in sorted(set(sums) - set(expected)):
         expected[name] = (None, None)  # checksummed at commit but unknown here: still check its checksum
+    return expected
 
-    index: dict[str, np.ndarray] = {}
-    for name, (shape, dtype) in expected.items():
-        path = f"{PARTS}/{pid}/{name}"
-        try:
-            arr = open_array(store, path)
-        except Exception as e:  # noqa: BLE001 - missing or unreadable metadata
-            missing = isinstance(e, FileNotFoundError)  # zarr's ArrayNotFoundError is one
-            bad("missing" if missing else "unreadable", f"array metadata cannot be opened ({type(e).__name__}: "
-                f"{e})", name)
-            continue
-        if shape is not None and tuple(arr.shape) != tuple(shape):
-            bad("shape", f"shape {tuple(arr.shape)}, expected {tuple(shape)} from the commit marker and the "
-                "cache's layers/hidden size", name)
-            continue
-        if dtype is not None and np.dtype(arr.dtype) != dtype:
-            bad("shape", f"dtype {arr.dtype}, expected {dtype} for codec {codec.name!r}", name)
-            continue
-        want = sums.get(name)
-        if want is None:
-            bad("checksum", "no checksum was recorded for this array at commit", name)
-        res.arrays += 1
-        is_layer = name.startswith("layer_")
-        try:
-            got, nonfinite = _scan(arr, scan_values or not is_layer, index if name in INDEX_ARRAYS else None, name)
-        except Exception as e:  # noqa: BLE001 - a chunk that does not decode (flipped bytes, truncated file)
-            bad("unreadable", f"stored data cannot be read ({type(e).__name__}: {e})", name)
-            continue
-        if want is not None and got != want:
-            bad("checksum", f"{CHECKSUM_ALGORITHM} {got} != {want} recorded at commit: the stored values changed "
-                "after the part was committed (corrupt or missing chunk file)", name)
-        if is_layer and scan_values:
-            res.values += int(np.prod(arr.shape))
-        if nonfinite:
-            first, count = nonfinite
-            who = _utt_at(index, first) if is_layer else ""
-            bad("nonfinite", f"{count} NaN/Inf value(s), first at row {first}{who}", name)
 
-    _check_index(index, n_frames, bad)
-    if "ids" in index:
-        res.ids = [str(x) for x in index["ids"].tolist()]
-    res.frames = int(n_frames or 0)
-    return res
+def _open_expected(pc: _PartCheck, name: str, shape: tuple[int, ...] | None, dtype: np.dtype | None) -> Any:
+    """The part's array ``name`` if it opens with the expected shape and dtype, else None (reported)."""
+    try:
+        arr = open_array(pc.store, f"{PARTS}/{pc.pid}/{name}")
+    except Exception as e:  # noqa: BLE001 - missing or unreadable metadata
+        missing = isinstance(e, FileNotFoundError)  # zarr's ArrayNotFoundError is one
+        pc.bad("missing" if missing else "unreadable", f"array metadata cannot be opened ({type(e).__name__}: "
+               f"{e})", name)
+        return None
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+        pc.bad("shape", f"shape {tuple(arr.shape)}, expected {tuple(shape)} from the commit marker and the "
+               "cache's layers/hidden size", name)
+        return None
+    if dtype is not None and np.dtype(arr.dtype) != dtype:
+        pc.bad("shape", f"dtype {arr.dtype}, expected {dtype} for codec {pc.codec.name!r}", name)
+        return None
+    return arr
+
+
+def _check_array(pc: _PartCheck, name: str, arr: Any, want: str | None) -> None:
+    """Read the array once: its checksum against the one recorded at commit, and NaN/Inf values."""
+    if want is None:
+        pc.bad("checksum", "no checksum was recorded for this array at commit", name)
+    pc.res.arrays += 1
+    is_layer = name.startswith("layer_")
+    try:
+        got, nonfinite = _scan(arr, pc.scan_values or not is_layer, pc.index if name in INDEX_ARRAYS else None,
+                               name)
+    except Exception as e:  # noqa: BLE001 - a chunk that does not decode (flipped bytes, truncated file)
+        pc.bad("unreadable", f"stored data cannot be read ({type(e).__name__}: {e})", name)
+        return
+    if want is not None and got != want:
+        pc.bad("checksum", f"{CHECKSUM_ALGORITHM} {got} != {want} recorded at commit: the stored values changed "
+               "after the part was committed (corrupt or missing chunk file)", name)
+    if is_layer and pc.scan_values:
+        pc.res.values += int(np.prod(arr.shape))
+    if nonfinite:
+        first, count = nonfinite
+        who = _utt_at(pc.index, first) if is_layer else ""
+        pc.bad("nonfinite", f"{count} NaN/Inf value(s), first at row {first}{who}", name)
 
 
 def _side_layouts(codec: Codec, dim: int) -> dict[str, tuple[bool, tuple[int, ...], np.dtype]]:

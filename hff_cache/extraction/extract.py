@@ -33,6 +33,7 @@ from hff_cache.intake.audio import AudioError
 from hff_cache.intake.manifests import Utterance, intake_fingerprint, load_intake
 from hff_cache.runtime.distributed import balanced_assignment, current, resolve_device
 from hff_cache.runtime.planning import plan_batches
+from hff_cache.runtime.threads import set_threads
 
 
 @dataclass
@@ -115,6 +116,37 @@ def encode_batch(encoder: SpeechEncoder, waves: Sequence[np.ndarray], layers: Se
 def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> ExtractReport:
     """Extract `cfg.data` into the cache at `cfg.out`; resumable and idempotent."""
     start = time.perf_counter()
+    utts, dataset_fp, bad_lines = _load_shard(cfg)
+    if encoder is None and _already_complete(cfg, utts, [e["id"] for e in bad_lines]):
+        # The immediate no-op: a finished cache answers without loading the model. The record is
+        # (re)written in case a kill came between the shard's last commit and its record.
+        _record_shard(cfg, utts, dataset_fp)
+        return ExtractReport(cfg.out, total=len(utts), already_done=len(utts),
+                             wall_seconds=time.perf_counter() - start)
+    run = _open_run(cfg, encoder, utts)
+    todo, report = _start_report(run, utts, bad_lines)
+    if todo:
+        _extract_todo(run, todo, report)  # commits what is buffered even when an error stops it
+    else:
+        run.writer.close()
+    _record_shard(cfg, utts, dataset_fp)  # only reached when every utterance was committed or skipped
+    report.wall_seconds = time.perf_counter() - start
+    return report
+
+
+@dataclass
+class _Run:
+    """What the steps of one extraction share: the loaded encoder and the open writer."""
+
+    cfg: ExtractConfig
+    encoder: SpeechEncoder
+    device: torch.device
+    layers: list[int]
+    writer: CacheWriter
+
+
+def _load_shard(cfg: ExtractConfig) -> tuple[list[Utterance], str, list[dict[str, str]]]:
+    """This shard's utterances, the fingerprint of the whole intake, and the bad manifest lines it records."""
     intake_errors: list[dict[str, str]] | None = [] if cfg.on_error == "skip" else None
     everything = load_intake(cfg.data, errors=intake_errors)
     utts = shard_utterances(everything, cfg.num_shards, cfg.shard_index)
@@ -122,13 +154,13 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
     dataset_fp = intake_fingerprint(everything)
     # Bad manifest lines and duplicated ids belong to no shard: shard 0 records them, once.
     bad_lines = (intake_errors or []) if cfg.shard_index == 0 else []
-    if encoder is None and _already_complete(cfg, utts, [e["id"] for e in bad_lines]):
-        # The immediate no-op: a finished cache answers without loading the model. The record is
-        # (re)written in case a kill came between the shard's last commit and its record.
-        _record_shard(cfg, utts, dataset_fp)
-        return ExtractReport(cfg.out, total=len(utts), already_done=len(utts),
-                             wall_seconds=time.perf_counter() - start)
+    return utts, dataset_fp, bad_lines
+
+
+def _open_run(cfg: ExtractConfig, encoder: SpeechEncoder | None, utts: Sequence[Utterance]) -> _Run:
+    """Load the encoder (or adopt the given one) on the device and open this shard's writer."""
     device = resolve_device(cfg.device)
+    threads = set_threads(cfg.threads)  # --threads, else the CPUs this process may use (not os.cpu_count())
     encoder = set_input_window(encoder, cfg.whisper_window) if encoder is not None else \
         load_encoder(cfg.model, device, cfg.whisper_window)
     encoder = encoder.to(device)
@@ -139,10 +171,19 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
         layers=list(layers),
         codec=CodecSpec(codec.name, codec.params),
         batching={"policy": "length-sorted, masked: batched output equals single-utterance output",
-                  "batch_seconds": cfg.batch_seconds, "precision": cfg.precision, "device": device.type},
+                  "batch_seconds": cfg.batch_seconds, "precision": cfg.precision, "device": device.type,
+                  "torch_threads": threads},
     )
     writer = CacheWriter(cfg.out, meta, worker=shard_worker(cfg.shard_index), part_frames=cfg.part_frames,
                          intake_fingerprint=intake_fingerprint(utts), storage_options=cfg.storage_options)
+    return _Run(cfg, encoder, device, layers, writer)
+
+
+def _start_report(run: _Run, utts: Sequence[Utterance], bad_lines: Sequence[dict[str, str]]
+                  ) -> tuple[list[Utterance], ExtractReport]:
+    """The utterances not committed yet and a report counting the others; records the bad manifest lines
+    as skips, and clears the shard's completion record when there is work left."""
+    cfg, writer = run.cfg, run.writer
     done = writer.done_ids()
     todo = [u for u in utts if u.id not in done]
     report = ExtractReport(cfg.out, total=len(utts), already_done=len(utts) - len(todo))
@@ -152,48 +193,56 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
         if item["id"] not in done:
             writer.skip(item["id"], item["audio"], item["reason"])
             report.skipped.append(dict(item))
-    if not todo:
-        writer.close()
-        _record_shard(cfg, utts, dataset_fp)
-        report.wall_seconds = time.perf_counter() - start
-        return report
-    batches = make_batches(todo, cfg.batch_seconds)
-    bar = _progress(todo, cfg.progress and _is_main_process())
+    return todo, report
+
+
+def _extract_todo(run: _Run, todo: list[Utterance], report: ExtractReport) -> None:
+    """Encode and write `todo` batch by batch; the writer is closed (committed) whatever happens."""
+    batches = make_batches(todo, run.cfg.batch_seconds)
+    bar = _progress(todo, run.cfg.progress and _is_main_process())
     try:
-        for batch, loaded in _prefetch(batches, encoder.info.sample_rate, cfg):
-            good = [(u, w) for u, w in zip(batch, loaded, strict=True) if not isinstance(w, AudioError)]
-            for u, w in zip(batch, loaded, strict=True):
-                if isinstance(w, AudioError):
-                    if cfg.on_error == "raise":
-                        raise w
-                    writer.skip(u.id, u.audio, w.reason)
-                    report.skipped.append({"id": u.id, "audio": u.audio, "reason": w.reason})
-            if good:
-                feats = encode_batch(encoder, [w for _, w in good], layers, device, cfg.precision)
-                for (u, w), f in zip(good, feats, strict=True):
-                    if not np.isfinite(f).all():
-                        # One item's encoder failure (fp16 overflow, a degenerate input): per item, like
-                        # bad audio, instead of the writer's refusal ending the whole run.
-                        reason = "the encoder produced NaN or infinite features (try --precision fp32)"
-                        if cfg.on_error == "raise":
-                            raise ValueError(f"{u.id} ({u.audio}): {reason}")
-                        writer.skip(u.id, u.audio, reason)
-                        report.skipped.append({"id": u.id, "audio": u.audio, "reason": reason})
-                        continue
-                    writer.add(u.id, f, text=u.text, meta=u.meta, num_samples=len(w))
-                    report.audio_seconds += len(w) / encoder.info.sample_rate
-                    report.extracted += 1
+        for batch, loaded in _prefetch(batches, run.encoder.info.sample_rate, run.cfg):
+            _write_batch(run, batch, loaded, report)
             if bar is not None:
                 bar.update(sum(_ms(u) for u in batch))
                 bar.set_postfix_str(f"{report.extracted + len(report.skipped)}/{len(todo)} utt")
     finally:
         # Commit what is buffered even when an error stops us: nothing done is lost.
-        writer.close()
+        run.writer.close()
         if bar is not None:
             bar.close()
-    _record_shard(cfg, utts, dataset_fp)  # only reached when every utterance was committed or skipped
-    report.wall_seconds = time.perf_counter() - start
-    return report
+
+
+def _write_batch(run: _Run, batch: list[Utterance], loaded: list[np.ndarray | AudioError],
+                 report: ExtractReport) -> None:
+    """Skip (or raise on) the unreadable audio of a batch, encode the rest, write or skip each result."""
+    cfg, writer = run.cfg, run.writer
+    good = [(u, w) for u, w in zip(batch, loaded, strict=True) if not isinstance(w, AudioError)]
+    for u, w in zip(batch, loaded, strict=True):
+        if isinstance(w, AudioError):
+            if cfg.on_error == "raise":
+                raise w
+            _skip(run, report, u, w.reason)
+    if not good:
+        return
+    feats = encode_batch(run.encoder, [w for _, w in good], run.layers, run.device, cfg.precision)
+    for (u, w), f in zip(good, feats, strict=True):
+        if not np.isfinite(f).all():
+            # One item's encoder failure (fp16 overflow, a degenerate input): per item, like
+            # bad audio, instead of the writer's refusal ending the whole run.
+            reason = "the encoder produced NaN or infinite features (try --precision fp32)"
+            if cfg.on_error == "raise":
+                raise ValueError(f"{u.id} ({u.audio}): {reason}")
+            _skip(run, report, u, reason)
+            continue
+        writer.add(u.id, f, text=u.text, meta=u.meta, num_samples=len(w))
+        report.audio_seconds += len(w) / run.encoder.info.sample_rate
+        report.extracted += 1
+
+
+def _skip(run: _Run, report: ExtractReport, u: Utterance, reason: str) -> None:
+    run.writer.skip(u.id, u.audio, reason)
+    report.skipped.append({"id": u.id, "audio": u.audio, "reason": reason})
 
 
 def shard_worker(shard_index: int) -> str:
