@@ -63,8 +63,24 @@ class Problem:
         return f"{where}: {self.message}" if where else self.message
 
 
+class ProblemReport:
+    """What a verify report (of a cache, or of a run) shares: sound when it lists no problem, and its JSON."""
+
+    problems: list[Any]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)  # type: ignore[call-overload]  (subclasses are dataclasses)
+        d["ok"] = self.ok
+        d["problems"] = [{**asdict(p), "text": str(p)} for p in self.problems]
+        return d
+
+
 @dataclass
-class VerifyReport:
+class VerifyReport(ProblemReport):
     url: str
     cache_id: str = ""
     codec: str = ""
@@ -79,16 +95,6 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ok"] = self.ok
-        d["problems"] = [{**asdict(p), "text": str(p)} for p in self.problems]
-        return d
 
 
 def verify_cache(url: str, storage_options: dict | None = None, *, scan_values: bool = True,
@@ -410,4 +416,4 @@ def _check_index(index: dict[str, np.ndarray], n_frames: int | None,
                 break
 
 
-__all__ = ["Problem", "VerifyReport", "verify_cache"]
+__all__ = ["Problem", "ProblemReport", "VerifyReport", "verify_cache"]

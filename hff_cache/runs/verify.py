@@ -8,12 +8,12 @@ next to a live training (its files change only by atomic renames).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from hff_cache.cache.verify import ProblemReport
 from hff_cache.model.hff import HFFModel
 from hff_cache.runs.directory import CHECKPOINT_NAMES, CHECKPOINTS, RunDir, damage
 from hff_cache.runs.document import RunDocument, RunError
@@ -34,7 +34,7 @@ class RunProblem:
 
 
 @dataclass
-class RunReport:
+class RunReport(ProblemReport):
     run: str
     mode: str | None = None
     epochs: int | None = None  # epochs the config asks for
@@ -43,16 +43,6 @@ class RunReport:
     checkpoints: list[str] = field(default_factory=list)  # the ones that loaded and fit
     problems: list[RunProblem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ok"] = self.ok
-        d["problems"] = [{**asdict(p), "text": str(p)} for p in self.problems]
-        return d
 
     def format(self) -> str:
         """The report as ``verify`` prints it: a status line, then one line per warning and problem."""
