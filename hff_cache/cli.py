@@ -317,19 +317,23 @@ def train(
 @app.command()
 def evaluate(
     run: str = typer.Argument(..., help="Run directory"),
-    cache: str = typer.Option(..., help="Cache to evaluate on"),
+    cache: str | None = typer.Option(None, help="Cache to evaluate on (same encoder, layers, codec as the run's)"),
+    data: str | None = typer.Option(None, "--data", "-d", help="Or audio to evaluate on, through the run's "
+                                    "encoder: a manifest, LibriSpeech folder, ... (online runs too)"),
     checkpoint: str = typer.Option("best", help="best | last"),
-    labels: str | None = typer.Option(None, help="Labels JSONL (default: the run's)"),
+    labels: str | None = typer.Option(None, help="Labels JSONL (default: the run's validation labels, else its "
+                                         "labels)"),
     device: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON"),
     group_by: str | None = typer.Option(None, help="Also report the metrics per value of this metadata field "
                                         "of the cache's utterances (e.g. corpus, speaker)"),
 ) -> None:
-    """Greedy-decode CACHE with a run's checkpoint; writes RUN/eval/<cache-name>/{hyps.jsonl,metrics.json}."""
+    """Decode a cache (or audio) with a run's checkpoint; writes RUN/eval/<name>/{hyps.jsonl,metrics.json}."""
     from hff_cache.evaluation.evaluate import evaluate_run
 
     try:
-        summary = evaluate_run(run, cache, checkpoint=checkpoint, labels=labels, device=device, group_by=group_by)
+        summary = evaluate_run(run, cache, checkpoint=checkpoint, labels=labels, device=device, group_by=group_by,
+                               data=data)
     except _train_errors() as exc:
         _fail(str(exc))
     if as_json:

@@ -250,3 +250,19 @@ def test_hff_frozen_starts_from_the_cached_models_weights(tmp_path: Path) -> Non
     want = cached.model.state_dict()
     got = {k: v for k, v in online.model.state_dict().items() if not k.startswith("encoder.")}
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_evaluate_on_audio_reproduces_the_runs_validation(corpus: Path, tmp_path: Path) -> None:
+    """`evaluate RUN --data MANIFEST` runs the run's encoder: for an online run it is the loop's own validation,
+    and --group-by reports each value of a manifest field."""
+    from hff_cache.evaluation.evaluate import evaluate_run
+
+    cfg = _cfg(corpus, tmp_path / "run", "wav2vec2", "hff-adapters", valid_data=str(corpus), epochs=2)
+    metrics = train_online(cfg, log=lambda s: None)
+    got = evaluate_run(tmp_path / "run", data=str(corpus), checkpoint="best", device="cpu", group_by="speaker")
+    assert got["wer"] == pytest.approx(metrics["wer"]) and got["cer"] == pytest.approx(metrics["cer"])
+    assert got["loss"] == pytest.approx(metrics["valid_loss"], rel=1e-5)
+    assert set(got["groups"]) == {"spk0", "spk1"} and sum(g["utterances"] for g in got["groups"].values()) == 4
+    assert (tmp_path / "run" / "eval" / "manifest" / "hyps.jsonl").exists()
+    with pytest.raises(ValueError, match="--cache or --data"):
+        evaluate_run(tmp_path / "run")

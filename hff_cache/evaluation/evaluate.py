@@ -1,4 +1,5 @@
-"""Metrics (WER/CER via jiwer, PER, accuracy), greedy decoding, and ``hff-cache evaluate``."""
+"""``hff-cache evaluate``: a run's checkpoint decoded on a cache (same encoder, layers, codec) or, for any run,
+on audio through the run's encoder; metrics overall and per group of a metadata field."""
 
 from __future__ import annotations
 
@@ -66,45 +67,73 @@ def cache_name(url: str) -> str:
     return name[: -len(".zarr")] if name.endswith(".zarr") else name
 
 
-def evaluate_run(run: str | Path, cache: str, checkpoint: str = "best", labels: str | None = None,
-                 device: str = "auto", storage_options: dict | None = None,
-                 batch_frames: int | None = None, group_by: str | None = None) -> dict[str, Any]:
-    """Evaluate a run's checkpoint on ``cache``; write ``RUN/eval/<cache-name>/{hyps.jsonl,metrics.json}``.
+def evaluate_run(run: str | Path, cache: str | None = None, checkpoint: str = "best", labels: str | None = None,
+                 device: str = "auto", storage_options: dict | None = None, batch_frames: int | None = None,
+                 group_by: str | None = None, data: str | None = None) -> dict[str, Any]:
+    """Evaluate a run's checkpoint on ``cache`` or on the audio of ``data``; write
+    ``RUN/eval/<name>/{hyps.jsonl,metrics.json}`` (name: the cache's or the manifest's).
 
-    The cache must come from the same encoder/layers/codec as the run's training cache, and the
-    checkpoint's tokenizer must be the run's (both refused otherwise). ``group_by`` names a field of the
-    cache's per-utterance metadata (e.g. ``corpus``): the metrics of each of its values go under "groups".
+    A cache must come from the same encoder/layers/codec as the run's training cache; ``data`` (a manifest,
+    LibriSpeech folder, ...) runs the run's encoder, so it serves online runs too. The checkpoint's tokenizer
+    must be the run's. ``group_by`` names a per-utterance metadata field (e.g. ``corpus``): the metrics of each
+    of its values go under "groups".
     """
-    from hff_cache.batches.from_cache import CacheBatches
-    from hff_cache.cache import CacheReader
     from hff_cache.runtime.distributed import resolve_device
     from hff_cache.tasks.task import load_labels
 
-    loaded = load_run(run, checkpoint)
-    cfg, task, model, doc = loaded.config, loaded.task, loaded.model, loaded.doc
-    if "train" not in doc.caches:
-        raise RunError(f"{run} was trained online, not from a cache; it has no cache to compare {cache} "
-                       "with (use `hff-cache transcribe`)")
-    reader = CacheReader(cache, storage_options=storage_options)
-    check_cache(reader, doc.caches["train"], what=f"evaluation cache {cache}")
-    groups_of = _groups_of(reader, group_by) if group_by else None
-    labels_path = labels if labels is not None else cfg.labels
+    if (cache is None) == (data is None):
+        raise ValueError("evaluate needs --cache or --data (one of them)")
+    loaded = load_run(run, checkpoint, with_encoder=data is not None)
+    labels_path = labels if labels is not None else (loaded.config.valid_labels or loaded.config.labels)
     label_rows = load_labels(labels_path) if labels_path else None
-    data = task.prepare(reader, label_rows, split="evaluation")
     dev = resolve_device(device)
-    source = CacheBatches(reader, data, ctc=task.kind == "ctc", layers=model.spec.layers,
-                          batch_frames=batch_frames or cfg.batch_frames, max_batch_utts=cfg.max_batch_utts,
-                          shuffle=False, in_memory=False, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
-    model.to(dev)
-    result = evaluate_model(model, source, task, dict(zip(data.ids, data.refs, strict=True)), dev)
-    out = loaded.run.eval_dir(cache_name(cache))
-    summary = {"run": str(run), "cache": str(cache), "checkpoint": checkpoint, "task": task.name,
-               "cache_id": reader.cache_id, **result.metrics, "hyps": str(out / "hyps.jsonl")}
+    if cache is not None:
+        index, source, data_ = _cache_source(loaded, cache, label_rows, storage_options, batch_frames)
+        name, where = cache_name(cache), {"cache": str(cache), "cache_id": index.cache_id}
+    else:
+        index, source, data_ = _audio_source(loaded, str(data), label_rows)
+        name, where = f"{Path(str(data)).stem}", {"data": str(data)}
+    groups_of = _groups_of(index, group_by) if group_by else None
+    loaded.model.to(dev)
+    result = evaluate_model(loaded.model, source, loaded.task, dict(zip(data_.ids, data_.refs, strict=True)), dev)
+    summary = {"run": str(run), **where, "checkpoint": checkpoint, "task": loaded.task.name, **result.metrics,
+               "hyps": str(loaded.run.eval_dir(name) / "hyps.jsonl")}
     if groups_of is not None:
         summary["group_by"] = group_by
-        summary["groups"] = group_metrics(task.name, result.rows, groups_of)
-    loaded.run.write_evaluation(cache_name(cache), result.rows, summary)
+        summary["groups"] = group_metrics(loaded.task.name, result.rows, groups_of)
+    loaded.run.write_evaluation(name, result.rows, summary)
     return summary
+
+
+def _cache_source(loaded: Any, cache: str, labels: Any, storage_options: dict | None,
+                  batch_frames: int | None) -> tuple[Any, Any, Any]:
+    from hff_cache.batches.from_cache import CacheBatches
+    from hff_cache.cache import CacheReader
+
+    cfg, doc, task = loaded.config, loaded.doc, loaded.task
+    if "train" not in doc.caches:
+        raise RunError(f"{loaded.run} was trained online, not from a cache; it has no cache to compare {cache} "
+                       "with (evaluate it on audio: --data MANIFEST)")
+    reader = CacheReader(cache, storage_options=storage_options)
+    check_cache(reader, doc.caches["train"], what=f"evaluation cache {cache}")
+    data = task.prepare(reader, labels, split="evaluation")
+    source = CacheBatches(reader, data, ctc=task.kind == "ctc", layers=loaded.model.spec.layers,
+                          batch_frames=batch_frames or cfg.batch_frames, max_batch_utts=cfg.max_batch_utts,
+                          shuffle=False, in_memory=False, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
+    return reader, source, data
+
+
+def _audio_source(loaded: Any, manifest: str, labels: Any) -> tuple[Any, Any, Any]:
+    from hff_cache.batches.from_audio import AudioBatches, IntakeIndex
+    from hff_cache.intake.manifests import load_intake
+
+    cfg, task = loaded.config, loaded.task
+    index = IntakeIndex(load_intake(manifest), manifest)
+    data = task.prepare(index, labels, split="evaluation")
+    source = AudioBatches([index.utts[i] for i in data.indices], loaded.model.encoder, targets=data.targets,
+                          ctc=task.kind == "ctc", batch_seconds=cfg.batch_seconds, max_batch_utts=cfg.max_batch_utts,
+                          shuffle=False, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
+    return index, source, data
 
 
 MISSING_GROUP = "(none)"  # the group of utterances whose metadata lacks the field
