@@ -27,6 +27,7 @@ from hff_cache.encoders.whisper import WINDOWS as WHISPER_WINDOWS
 from hff_cache.model.adapters import METHODS
 from hff_cache.model.fusion import FusionConfig, parse_kind
 from hff_cache.tasks.task import check_task_name, task_choices
+from hff_cache.tasks.tokenizers import parse_units
 
 __all__ = ["PRECISIONS", "REDACTED", "TRANSCRIBE_BATCH_SECONDS", "ConfigError", "ExtractConfig", "TrainConfig",
            "parse_layers", "parse_option_value", "parse_sets", "read_config_file", "setting", "to_dict",
@@ -132,6 +133,8 @@ class TrainConfig:
                                        "cache's texts/metas")
     valid_labels: str | None = setting(None, "JSONL labels for the validation cache (default: --labels), for a "
                                              "train/valid split that lives in label files over one cache")
+    units: str = setting("char", "ASR output units: char | bpe:N (a sentencepiece model of N pieces trained on the "
+                                 "training transcripts, stored in the run; needs the decode extra)")
     layers: list[int] | None = setting(None, "Stored hidden states to use: 'all' (default), '0,3,6', '0-4,8'")
     fusion: FusionConfig = setting(help="Fusion and downstream body", factory=FusionConfig)
     pooling: str = setting("mean", "Classifier pooling: mean | attention")
@@ -200,6 +203,9 @@ class TrainConfig:
                 raise ValueError(f"in_memory must be true, false or auto, not {self.in_memory!r}")
             self.in_memory = _BOOL_WORDS.get(low, "auto")
         check_task_name(self.task)
+        parse_units(self.units)
+        if self.units != "char" and self.task != "asr":
+            raise ValueError(f"--units {self.units} is for --task asr (a {self.task} task has its own symbols)")
         parse_kind(self.fusion.kind)
         _one_of("method", self.method, METHODS)
         _one_of("normalize", self.normalize, ("none", "stats"))

@@ -1,5 +1,6 @@
 import json
 import math
+import pickle
 
 import pytest
 import torch
@@ -10,8 +11,11 @@ from hff_cache.tasks.tokenizers import (
     CharTokenizer,
     LabelEncoder,
     PhoneTokenizer,
+    SentencePieceTokenizer,
     Tokenizer,
     normalize_text,
+    parse_units,
+    text_tokenizer,
     tokenizer_from_dict,
 )
 
@@ -179,3 +183,56 @@ def test_vocab_size_matches_head():
     with torch.no_grad():
         lp = head(torch.zeros(1, 3, 4))
     assert lp.shape[-1] == tok.vocab_size and math.isclose(float(lp.exp().sum(-1)[0, 0]), 1.0, rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------- subword units (sentencepiece)
+
+BPE_TEXT = [
+    "The cat sat on the mat.", "THE DOG RAN TO THE PARK", "a bat flew out of the cave", "The rat hid under the bed",
+    "His hat fell on the floor", "We saw the sea from the hill", "She can't see the boat", "The man sat by the fire",
+]
+
+
+def test_sentencepiece_round_trip_and_units():
+    tok = SentencePieceTokenizer.train(BPE_TEXT * 4, 50)
+    assert isinstance(tok, Tokenizer) and tok.vocab_size == 50 and tok.symbols[0] == "<blank>"
+    for text in BPE_TEXT:
+        ids = tok.encode(text)
+        assert ids and all(0 < i < 50 for i in ids)
+        assert tok.decode(ids) == normalize_text(text)
+    # subwords: fewer units than characters, word starts marked with "▁"
+    assert len(tok.encode("THE CAT SAT")) < len("THE CAT SAT")
+    pieces = tok.spell("CAT")
+    assert pieces[0].startswith("\u2581") and "".join(pieces).lstrip("\u2581") == "CAT"
+    assert tok.decode([0, *tok.encode("the mat"), 0, 999]) == "THE MAT"  # blanks and bad ids skipped
+    # a character never seen in training cannot be encoded: it is dropped, like CharTokenizer drops it
+    assert tok.decode(tok.encode("the zoo")) == "THE OO"
+
+
+def test_sentencepiece_serialisation():
+    tok = SentencePieceTokenizer.train(BPE_TEXT * 4, 40)
+    back = roundtrip(tok)
+    assert back.encode("the cat hid") == tok.encode("the cat hid") and back.symbols == tok.symbols
+    assert pickle.loads(pickle.dumps(tok)) == tok  # data-loader workers receive it pickled
+    assert len(tok.fingerprint()) == 16
+    # the fingerprint covers the model: another piece inventory, another fingerprint
+    assert SentencePieceTokenizer.train(BPE_TEXT * 4, 45).fingerprint() != tok.fingerprint()
+    d = tok.to_dict()
+    with pytest.raises(ValueError, match="pieces"):
+        tokenizer_from_dict({**d, "vocab_size": 41})
+    with pytest.raises(ValueError, match="sentencepiece"):
+        tokenizer_from_dict({**d, "model": "bm90IGEgbW9kZWw="})  # valid base64, not a model
+
+
+def test_sentencepiece_errors_and_units_spec():
+    with pytest.raises(ValueError, match="bpe:5000"):
+        SentencePieceTokenizer.train(BPE_TEXT, 5000)  # far more pieces than the text has
+    with pytest.raises(ValueError, match="no text"):
+        SentencePieceTokenizer.train(["123", "!!"], 20)
+    assert parse_units("char") == ("char", None) and parse_units("bpe:300") == ("bpe", 300)
+    for bad in ["bpe", "bpe:x", "bpe:1", "word", "char:3"]:
+        with pytest.raises(ValueError, match="units"):
+            parse_units(bad)
+    assert isinstance(text_tokenizer("char", BPE_TEXT), CharTokenizer)
+    bpe = text_tokenizer("bpe:40", BPE_TEXT * 4)
+    assert isinstance(bpe, SentencePieceTokenizer) and bpe.vocab_size == 40

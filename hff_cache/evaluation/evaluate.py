@@ -4,13 +4,14 @@ on audio through the run's encoder; metrics overall and per group of a metadata 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hff_cache.evaluation.decoding import CTCDecoder, DecoderConfig, resolve_decoder
 from hff_cache.evaluation.metrics import task_metrics
 from hff_cache.runs.document import RunError, check_cache
 from hff_cache.runs.loading import load_run
@@ -24,31 +25,39 @@ class EvalResult:
     rows: list[dict[str, str]] = field(default_factory=list)  # {"id", "ref", "hyp"}
 
 
-@torch.no_grad()
-def evaluate_model(model: Any, source: Any, task: Any, refs: dict[str, str],
-                   device: torch.device | str = "cpu",
-                   gather: Callable[[Any], list[Any]] | None = None) -> EvalResult:
-    """Loss + greedy decoding over every batch of ``source`` (epoch 0 plan, unshuffled).
+Decode = Callable[[torch.Tensor, torch.Tensor], list[str]]  # (log-probs (B, T, V), lengths) -> texts
 
-    Under torchrun each rank decodes its share and ``gather`` (``Dist.gather``) pools every rank's rows, so
-    every rank returns the metrics of the whole validation set."""
+
+@torch.no_grad()
+def model_outputs(model: Any, source: Any, device: torch.device | str = "cpu") -> Iterator[tuple[Any, torch.Tensor]]:
+    """(batch, model output) over every batch of ``source`` (epoch 0 plan, unshuffled), in eval mode."""
     was_training = model.training
     model.eval()
-    total_loss, total_utts = 0.0, 0
-    rows: list[dict[str, str]] = []
-    start = time.perf_counter()
     try:
         for batch in source.epoch(0):
             batch = batch.to(device)
-            out = model(batch)
-            loss = float(model.loss(out, batch))
-            total_loss += loss * len(batch)
-            total_utts += len(batch)
-            for uid, pred in zip(batch.ids, model.predict(out, batch), strict=True):
-                hyp = task.tokenizer.decode(pred)
-                rows.append({"id": uid, "ref": refs[uid], "hyp": hyp})
+            yield batch, model(batch)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_model(model: Any, source: Any, task: Any, refs: dict[str, str],
+                   device: torch.device | str = "cpu",
+                   gather: Callable[[Any], list[Any]] | None = None, decode: Decode | None = None) -> EvalResult:
+    """Loss + decoding (greedy, or ``decode``: a beam decoder's) over every batch of ``source``.
+
+    Under torchrun each rank decodes its share and ``gather`` (``Dist.gather``) pools every rank's rows, so
+    every rank returns the metrics of the whole validation set."""
+    total_loss, total_utts = 0.0, 0
+    rows: list[dict[str, str]] = []
+    start = time.perf_counter()
+    for batch, out in model_outputs(model, source, device):
+        total_loss += float(model.loss(out, batch)) * len(batch)
+        total_utts += len(batch)
+        hyps = decode(out, batch.lengths) if decode is not None else \
+            [task.tokenizer.decode(pred) for pred in model.predict(out, batch)]
+        rows += [{"id": uid, "ref": refs[uid], "hyp": hyp} for uid, hyp in zip(batch.ids, hyps, strict=True)]
     if gather is not None:
         shares = gather((rows, total_loss, total_utts))
         rows = [r for share in shares for r in share[0]]
@@ -69,14 +78,16 @@ def cache_name(url: str) -> str:
 
 def evaluate_run(run: str | Path, cache: str | None = None, checkpoint: str = "best", labels: str | None = None,
                  device: str = "auto", storage_options: dict | None = None, batch_frames: int | None = None,
-                 group_by: str | None = None, data: str | None = None) -> dict[str, Any]:
+                 group_by: str | None = None, data: str | None = None,
+                 decoder: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a run's checkpoint on ``cache`` or on the audio of ``data``; write
     ``RUN/eval/<name>/{hyps.jsonl,metrics.json}`` (name: the cache's or the manifest's).
 
     A cache must come from the same encoder/layers/codec as the run's training cache; ``data`` (a manifest,
     LibriSpeech folder, ...) runs the run's encoder, so it serves online runs too. The checkpoint's tokenizer
     must be the run's. ``group_by`` names a per-utterance metadata field (e.g. ``corpus``): the metrics of each
-    of its values go under "groups".
+    of its values go under "groups". ``decoder`` holds decoder settings given for this call (``--decode``,
+    ``--lm``, ...): over the run's tuned ones (``tune-decoder``), over greedy.
     """
     from hff_cache.runtime.distributed import resolve_device
     from hff_cache.tasks.task import load_labels
@@ -88,16 +99,19 @@ def evaluate_run(run: str | Path, cache: str | None = None, checkpoint: str = "b
     label_rows = load_labels(labels_path) if labels_path else None
     dev = resolve_device(device)
     if cache is not None:
-        index, source, data_ = _cache_source(loaded, cache, label_rows, storage_options, batch_frames)
+        index, source, data_ = cache_source(loaded, cache, label_rows, storage_options, batch_frames)
         name, where = cache_name(cache), {"cache": str(cache), "cache_id": index.cache_id}
     else:
-        index, source, data_ = _audio_source(loaded, str(data), label_rows)
+        index, source, data_ = audio_source(loaded, str(data), label_rows)
         name, where = f"{Path(str(data)).stem}", {"data": str(data)}
     groups_of = _groups_of(index, group_by) if group_by else None
     loaded.model.to(dev)
-    result = evaluate_model(loaded.model, source, loaded.task, dict(zip(data_.ids, data_.refs, strict=True)), dev)
+    dec = run_decoder(loaded, decoder or {})
+    decode = None if dec.kind == "greedy" else CTCDecoder(dec, loaded.task.tokenizer).decode
+    refs = dict(zip(data_.ids, data_.refs, strict=True))
+    result = evaluate_model(loaded.model, source, loaded.task, refs, dev, decode=decode)
     summary = {"run": str(run), **where, "checkpoint": checkpoint, "task": loaded.task.name, **result.metrics,
-               "hyps": str(loaded.run.eval_dir(name) / "hyps.jsonl")}
+               "decoder": dec.to_dict(), "hyps": str(loaded.run.eval_dir(name) / "hyps.jsonl")}
     if groups_of is not None:
         summary["group_by"] = group_by
         summary["groups"] = group_metrics(loaded.task.name, result.rows, groups_of)
@@ -105,7 +119,15 @@ def evaluate_run(run: str | Path, cache: str | None = None, checkpoint: str = "b
     return summary
 
 
-def _cache_source(loaded: Any, cache: str, labels: Any, storage_options: dict | None,
+def run_decoder(loaded: Any, given: dict[str, Any]) -> DecoderConfig:
+    """The decoder settings for ``loaded``: ``given`` over the run's tuned ones; beam search needs a CTC head."""
+    dec = resolve_decoder(given, loaded.run.read_decoder())
+    if dec.kind != "greedy" and loaded.task.kind != "ctc":
+        raise RunError(f"--decode {dec.kind} needs a CTC run; {loaded.run} is a {loaded.task.name} classifier")
+    return dec
+
+
+def cache_source(loaded: Any, cache: str, labels: Any, storage_options: dict | None,
                   batch_frames: int | None) -> tuple[Any, Any, Any]:
     from hff_cache.batches.from_cache import CacheBatches
     from hff_cache.cache import CacheReader
@@ -123,7 +145,7 @@ def _cache_source(loaded: Any, cache: str, labels: Any, storage_options: dict | 
     return reader, source, data
 
 
-def _audio_source(loaded: Any, manifest: str, labels: Any) -> tuple[Any, Any, Any]:
+def audio_source(loaded: Any, manifest: str, labels: Any) -> tuple[Any, Any, Any]:
     from hff_cache.batches.from_audio import AudioBatches, IntakeIndex
     from hff_cache.intake.manifests import load_intake
 

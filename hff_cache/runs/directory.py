@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["CONFIG", "LOCK", "LOG", "LOG_FIELDS", "METRICS", "RunDir", "RunError", "damage"]
 
 CONFIG, METRICS, LOG, LOCK = "config.json", "metrics.json", "log.csv", ".lock"
+DECODER = "decoder.json"  # the decoder settings tune-decoder chose; later decodes start from them
 CHECKPOINTS, EVAL, TENSORBOARD = "checkpoints", "eval", "tensorboard"
 CURVES, LAYER_WEIGHTS = "curves.png", "layer_weights.png"
 CHECKPOINT_NAMES = ("best", "last")
@@ -196,6 +197,20 @@ class RunDir:
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         _write_text(self.metrics_path, json.dumps(metrics, indent=2, default=str))
 
+    def read_decoder(self) -> dict[str, Any] | None:
+        """The tuned decoder settings (``tune-decoder``), or None when the run was never tuned."""
+        path = self.path / DECODER
+        if not path.exists():
+            return None
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{path} is damaged ({damage(exc)}); rerun `hff-cache tune-decoder` or delete it") from None
+        return settings.get("decoder") if isinstance(settings, dict) else None
+
+    def write_decoder(self, decoder: dict[str, Any], grid: list[dict[str, Any]]) -> None:
+        _write_text(self.path / DECODER, json.dumps({"decoder": decoder, "grid": grid}, indent=2, default=str))
+
     def write_log(self, history: Iterable[dict[str, Any]]) -> None:
         buf = io.StringIO(newline="")
         w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
@@ -331,5 +346,5 @@ class RunDir:
         """Remove what a run wrote (``--force``); the lock file stays, it is held right now."""
         for name in (CHECKPOINTS, EVAL, TENSORBOARD):
             shutil.rmtree(self.path / name, ignore_errors=True)
-        for name in (CONFIG, METRICS, LOG, CURVES, LAYER_WEIGHTS):
+        for name in (CONFIG, METRICS, LOG, CURVES, LAYER_WEIGHTS, DECODER):
             (self.path / name).unlink(missing_ok=True)

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hff_cache.tasks.tokenizers import CharTokenizer, LabelEncoder, PhoneTokenizer, normalize_text
+from hff_cache.tasks.tokenizers import (
+    CharTokenizer,
+    LabelEncoder,
+    PhoneTokenizer,
+    SentencePieceTokenizer,
+    normalize_text,
+    text_tokenizer,
+)
 
 __all__ = [
     "TASKS",
@@ -137,7 +144,7 @@ class Task:
     """A task name plus its tokenizer (fixed by the training labels)."""
 
     name: str  # asr | phones | classify:FIELD
-    tokenizer: CharTokenizer | PhoneTokenizer | LabelEncoder
+    tokenizer: CharTokenizer | SentencePieceTokenizer | PhoneTokenizer | LabelEncoder
 
     @property
     def kind(self) -> str:
@@ -153,15 +160,15 @@ class Task:
         return {"asr": "wer", "phones": "per"}.get(self.name, "accuracy")
 
     @classmethod
-    def from_labels(cls, name: str, reader: Any, labels: dict[str, dict] | None = None) -> Task:
-        """Build the tokenizer from the training cache's labels."""
+    def from_labels(cls, name: str, reader: Any, labels: dict[str, dict] | None = None, units: str = "char") -> Task:
+        """Build the tokenizer from the training cache's labels; ``units`` (char | bpe:N) is ASR's."""
         check_task_name(name)
         raw, _ = raw_labels(name, reader, labels)
         if not raw:
             raise _no_labels(name, reader, labels, "train")
         values = list(raw.values())
         if name == "asr":
-            tok: Any = CharTokenizer.from_texts(values)
+            tok: Any = text_tokenizer(units, [normalize_text(v) for v in values])
         elif name == "phones":
             tok = PhoneTokenizer.from_sequences(values)
         else:

@@ -1,4 +1,5 @@
-"""Serialisable tokenizers for CTC targets (characters, phones) and a label encoder for classification.
+"""Serialisable tokenizers for CTC targets (characters, sentencepiece subwords, phones) and a label encoder for
+classification.
 
 Every tokenizer round-trips through ``to_dict`` / ``tokenizer_from_dict`` so a checkpoint can store it,
 and ``fingerprint()`` hashes the vocabulary + options so loading a checkpoint with a different
@@ -7,7 +8,9 @@ vocabulary is detected rather than silently decoding garbage.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -17,13 +20,18 @@ __all__ = [
     "Tokenizer",
     "CharTokenizer",
     "PhoneTokenizer",
+    "SentencePieceTokenizer",
     "LabelEncoder",
     "normalize_text",
+    "parse_units",
+    "text_tokenizer",
     "tokenizer_from_dict",
 ]
 
 BLANK = "<blank>"
 SPACE = "|"  # word delimiter token, as in wav2vec2 CTC vocabularies
+WORD_START = "\u2581"  # sentencepiece's "▁": a piece that begins with it begins a word
+DECODE_EXTRA = "pip install 'hff-cache[decode]'"
 _FORMAT = 1
 
 
@@ -66,6 +74,7 @@ class _SymbolVocab:
 
     kind = ""
     blank_id = 0
+    word_separator: str | None = None  # a token that only separates words (the beam decoder's silence)
 
     def __init__(self, symbols: Sequence[str]) -> None:
         if len(set(symbols)) != len(symbols) or BLANK in symbols:
@@ -100,6 +109,8 @@ class _SymbolVocab:
 
 class CharTokenizer(_SymbolVocab):
     kind = "char"
+    # the word separator doubles as the beam decoder's silence token: it sits between words in every target
+    word_separator: str | None = SPACE
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -114,8 +125,103 @@ class CharTokenizer(_SymbolVocab):
     def decode(self, ids: Iterable[int]) -> str:
         return " ".join("".join(self._symbols(ids)).replace(SPACE, " ").split())
 
+    def spell(self, word: str) -> list[str]:
+        """A word's units for a lexicon: its characters, then the separator that ends it."""
+        return [*word, SPACE]
+
     def to_dict(self) -> dict:
         return {"type": self.kind, "format": _FORMAT, "symbols": self.symbols[1:]}
+
+
+def _sentencepiece() -> Any:
+    try:
+        import sentencepiece
+    except ImportError as e:
+        raise ImportError(f"subword units need sentencepiece: {DECODE_EXTRA}") from e
+    return sentencepiece
+
+
+class SentencePieceTokenizer(_SymbolVocab):
+    """Subword units (``bpe:N``) from a sentencepiece BPE model trained on the (normalised) training text.
+
+    Ids are sentencepiece's own: its ``<unk>`` slot, id 0, doubles as the CTC blank, so ``bpe:N`` has exactly
+    N outputs. Unknown characters encode to id 0 and are dropped, as CharTokenizer drops them. The serialised
+    model travels inside ``to_dict`` (base64), so a run directory restores the exact segmentation.
+    """
+
+    kind = "bpe"
+    word_separator: str | None = None  # word starts are marked inside the pieces ("▁"), not by a token
+
+    def __init__(self, model_proto: bytes) -> None:
+        spm = _sentencepiece()
+        self.model_proto = bytes(model_proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"not a sentencepiece model: {e}") from e
+        if self._sp.unk_id() != 0 or self._sp.bos_id() >= 0 or self._sp.eos_id() >= 0 or self._sp.pad_id() >= 0:
+            raise ValueError("the sentencepiece model must have <unk> at id 0 and no bos/eos/pad pieces "
+                             "(train it with SentencePieceTokenizer.train)")
+        super().__init__([self._sp.id_to_piece(i) for i in range(1, self._sp.get_piece_size())])
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, max_sentences: int = 2_000_000) -> SentencePieceTokenizer:
+        """BPE with ``vocab_size`` pieces (blank included) on the normalised ``texts``."""
+        spm = _sentencepiece()
+        if vocab_size < 2:
+            raise ValueError(f"bpe vocab_size must be >= 2, got {vocab_size}")
+        sentences = [t for t in (normalize_text(x) for x in texts) if t]
+        if not sentences:
+            raise ValueError("no text to train the sentencepiece model on")
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+                character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+                # the text is normalised already; NFKC would only make decode disagree with the references
+                normalization_rule_name="identity", input_sentence_size=max_sentences,
+                shuffle_input_sentence=True, num_threads=1, minloglevel=2)
+        except RuntimeError as e:  # e.g. "Vocabulary size too high": too little text for N pieces
+            raise ValueError(f"could not train a bpe:{vocab_size} model on {len(sentences)} sentences: {e}") from e
+        return cls(model.getvalue())
+
+    def _split(self, text: str | Sequence[str]) -> list[str]:
+        text = text if isinstance(text, str) else " ".join(text)
+        return self._sp.encode(normalize_text(text), out_type=str)
+
+    def encode(self, text: str) -> list[int]:
+        return [i for i in self._sp.encode(normalize_text(text), out_type=int) if i != 0]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        n = self.vocab_size
+        return " ".join(self._sp.decode([i for i in (int(i) for i in ids) if 0 < i < n]).split())
+
+    def spell(self, word: str) -> list[str]:
+        """A word's pieces as the model segments it inside a sentence (the first begins with "▁")."""
+        return self._sp.encode(word, out_type=str)
+
+    def to_dict(self) -> dict:
+        return {"type": self.kind, "format": _FORMAT, "vocab_size": self.vocab_size,
+                "model": base64.b64encode(self.model_proto).decode("ascii")}
+
+
+def parse_units(units: str) -> tuple[str, int | None]:
+    """``"char"`` -> ("char", None); ``"bpe:500"`` -> ("bpe", 500)."""
+    kind, _, size = units.strip().partition(":")
+    if kind == "char" and not size:
+        return "char", None
+    if kind == "bpe" and size.isdigit() and int(size) >= 2:
+        return "bpe", int(size)
+    raise ValueError(f"units must be 'char' or 'bpe:N' (N >= 2 pieces), got {units!r}")
+
+
+def text_tokenizer(units: str, texts: Iterable[str]) -> CharTokenizer | SentencePieceTokenizer:
+    """The ASR tokenizer for ``units`` (char | bpe:N), built from the training transcripts."""
+    kind, size = parse_units(units)
+    if kind == "char":
+        return CharTokenizer.from_texts(texts)
+    assert size is not None
+    return SentencePieceTokenizer.train(texts, size)
 
 
 _STRESS = re.compile(r"\d+$")
@@ -201,12 +307,19 @@ class LabelEncoder:
         return f"LabelEncoder(num_classes={self.vocab_size}, fingerprint={self.fingerprint()})"
 
 
-def tokenizer_from_dict(d: dict) -> CharTokenizer | PhoneTokenizer | LabelEncoder:
+def tokenizer_from_dict(d: dict) -> CharTokenizer | SentencePieceTokenizer | PhoneTokenizer | LabelEncoder:
     if d.get("format", _FORMAT) != _FORMAT:
         raise ValueError(f"unsupported tokenizer format {d.get('format')!r}")
     kind = d.get("type")
     if kind == "char":
         return CharTokenizer(d["symbols"])
+    if kind == "bpe":
+        if not isinstance(d.get("model"), str):
+            raise ValueError("bpe tokenizer: no serialised sentencepiece 'model' in the tokenizer dict")
+        tok = SentencePieceTokenizer(base64.b64decode(d["model"], validate=True))
+        if "vocab_size" in d and tok.vocab_size != int(d["vocab_size"]):
+            raise ValueError(f"bpe tokenizer: the stored model has {tok.vocab_size} pieces, not {d['vocab_size']}")
+        return tok
     if kind == "phone":
         return PhoneTokenizer(d["symbols"], bool(d.get("strip_stress", False)))
     if kind == "label":

@@ -43,7 +43,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = _log) -> Setup:
     reader, valid_reader = open_caches(cfg)
     labels, valid_labels = load_run_labels(cfg, reader, valid_reader)
     layers, fusion = read_layers(cfg.fusion, _stored_layers(cfg, reader))
-    task = Task.from_labels(cfg.task, reader, labels)
+    task = Task.from_labels(cfg.task, reader, labels, cfg.units)
     train_data = task.prepare(reader, labels, "train")
     d = distributed.current()  # under torchrun each rank reads only its share of both caches
     common = dict(ctc=task.kind == "ctc", layers=layers, batch_frames=cfg.batch_frames,
