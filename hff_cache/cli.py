@@ -27,6 +27,7 @@ from hff_cache.config import (
     train_config,
 )
 from hff_cache.demo import DemoConfig
+from hff_cache.evaluation.decoding import DecoderConfig
 from hff_cache.model.adapters import METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -314,8 +315,21 @@ def train(
                                            f"{k} {metrics[k]}" for k in keys if metrics.get(k) is not None))
 
 
+DECODE_OPTIONS = config_options(DecoderConfig, {
+    "kind": Flag(decls=("--decode",), default="auto", help="auto (the run's tuned decoder, else greedy) | greedy | "
+                 "beam (CTC beam search, flashlight-text; with --lm a word n-gram LM and its lexicon)"),
+    "beam_size": Flag(help="Beam width"),
+    "lm": Flag(help="An LM directory from `hff-cache lm build` (or a KenLM .arpa/.bin file)"),
+    "lexicon": Flag(help="Word lexicon (default: the LM directory's lexicon.txt)"),
+    "lm_weight": Flag(help="LM weight (default: the run's tuned value, else 2)"),
+    "word_score": Flag(help="Score added per word (default: the run's tuned value, else 0)"),
+}, only=("kind", "beam_size", "lm", "lexicon", "lm_weight", "word_score"))
+
+
 @app.command()
+@with_options(DECODE_OPTIONS)
 def evaluate(
+    ctx: typer.Context,
     run: str = typer.Argument(..., help="Run directory"),
     cache: str | None = typer.Option(None, help="Cache to evaluate on (same encoder, layers, codec as the run's)"),
     data: str | None = typer.Option(None, "--data", "-d", help="Or audio to evaluate on, through the run's "
@@ -327,13 +341,14 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON"),
     group_by: str | None = typer.Option(None, help="Also report the metrics per value of this metadata field "
                                         "of the cache's utterances (e.g. corpus, speaker)"),
+    **options: Any,
 ) -> None:
     """Decode a cache (or audio) with a run's checkpoint; writes RUN/eval/<name>/{hyps.jsonl,metrics.json}."""
     from hff_cache.evaluation.evaluate import evaluate_run
 
     try:
         summary = evaluate_run(run, cache, checkpoint=checkpoint, labels=labels, device=device, group_by=group_by,
-                               data=data)
+                               data=data, decoder=config_values(DECODE_OPTIONS, options, given_in=ctx))
     except _train_errors() as exc:
         _fail(str(exc))
     if as_json:
@@ -350,7 +365,9 @@ def evaluate(
 
 
 @app.command()
+@with_options(DECODE_OPTIONS)
 def transcribe(
+    ctx: typer.Context,
     run: str = typer.Argument(..., help="Run directory (cached or online)"),
     audio: list[str] = typer.Argument(None, help="Audio files (ids are the file names)"),
     data: str | None = typer.Option(None, "--data", "-d", help="Manifest, LibriSpeech folder, audio folder or "
@@ -360,19 +377,46 @@ def transcribe(
     batch_seconds: float = typer.Option(TRANSCRIBE_BATCH_SECONDS, help="Padded audio seconds per batch"),
     model: str | None = typer.Option(None, "--model", "-m", help="Load the run's encoder from here instead "
                                      "(its weights must hash as recorded)"),
+    output_format: str = typer.Option("text", "--format", "-f", help="text (id<TAB>text) | jsonl (text and "
+                                      "words with start/end seconds) | srt | vtt (subtitles, one file each)"),
+    out: str | None = typer.Option(None, "--out", "-o", help="Write here instead of stdout: a file, or a folder "
+                                   "of ID.srt / ID.vtt files for several recordings"),
+    max_window_seconds: float | None = typer.Option(None, help="Cut longer recordings at quiet points into "
+                                                    "windows of at most this many seconds (default: the "
+                                                    "encoder's limit, 30 s for Whisper, else 30 s; 0: never)"),
+    overlap_seconds: float | None = typer.Option(None, help="Overlap of consecutive windows, split at its "
+                                                 "middle (default: 2 s)"),
+    **options: Any,
 ) -> None:
-    """Print `id<TAB>text` for new audio: the run's encoder (+ adapters), fusion, head, greedy CTC."""
-    from hff_cache.evaluation.transcribe import transcribe as run_transcribe
+    """Transcribe new audio (the run's encoder + adapters, fusion, head, CTC decoding): `id<TAB>text` lines,
+    JSONL with word times, or SRT/WebVTT subtitles. Long recordings are cut into windows and stitched."""
+    from hff_cache.evaluation.subtitles import FORMATS, SUBTITLE_FORMATS, render, write_transcripts
+    from hff_cache.evaluation.transcribe import Transcriber, audio_utterances
     from hff_cache.intake.audio import AudioError
-    from hff_cache.intake.manifests import IntakeError
+    from hff_cache.intake.manifests import IntakeError, load_intake
 
+    if output_format not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}")
     try:
-        rows = run_transcribe(run, audio or [], data=data, checkpoint=checkpoint, device=device,
-                              batch_seconds=batch_seconds, encoder_name=model)
-    except (*_train_errors(), AudioError, IntakeError) as exc:
+        utts = audio_utterances(audio or []) + (load_intake(data) if data else [])
+        if not utts:
+            raise ValueError("nothing to transcribe: give audio files or --data")
+        if output_format in SUBTITLE_FORMATS and len(utts) > 1 and out is None:
+            raise ValueError(f"--format {output_format} writes one file per recording: give --out DIR for "
+                             f"{len(utts)} recordings")
+        windows = {"max_window_seconds": max_window_seconds}
+        if overlap_seconds is not None:
+            windows["overlap_seconds"] = overlap_seconds
+        transcriber = Transcriber.load(run, checkpoint, device=device, encoder_name=model,
+                                       decoder=config_values(DECODE_OPTIONS, options, given_in=ctx),
+                                       batch_seconds=batch_seconds, **windows)
+        results = transcriber.transcribe_utterances(utts, words=output_format != "text")
+        if out is None:
+            typer.echo(render(results, output_format), nl=False)
+        else:
+            write_transcripts(results, output_format, out)
+    except (*_train_errors(), AudioError, IntakeError, ImportError, OSError) as exc:
         _fail(str(exc))
-    for uid, text in rows:
-        typer.echo(f"{uid}\t{text}")
 
 
 PROBE_EPOCHS = 10  # one short run per layer: the probe ranks layers, it does not train a model to keep
@@ -440,6 +484,69 @@ def doctor(
             typer.echo(f"{mark:>8}  {c.name}: {c.detail}" + (f"\n          fix: {c.fix}" if c.fix and not c.ok else ""))
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command("tune-decoder")
+def tune_decoder(
+    run: str = typer.Argument(..., help="An ASR run directory"),
+    cache: str = typer.Option(..., help="Validation cache (same encoder, layers, codec as the run's)"),
+    lm: str = typer.Option(..., help="LM directory from `hff-cache lm build`"),
+    lm_weights: str = typer.Option("0.5,1,1.5,2,3", help="Comma-separated LM weights to try"),
+    word_scores: str = typer.Option("-1,0,1,2", help="Comma-separated word scores to try"),
+    beam_size: int = typer.Option(DecoderConfig.beam_size, help="Beam width"),
+    checkpoint: str = typer.Option("best", help="best | last"),
+    device: str = typer.Option("auto"),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole grid as JSON"),
+) -> None:
+    """Grid-search the LM weight and word score of beam search on a validation cache; the best go into the run
+    (RUN/decoder.json), and later evaluate/transcribe calls use them."""
+    from hff_cache.evaluation.tune import tune_decoder as run_tune
+
+    try:
+        result = run_tune(run, cache, lm, [float(w) for w in lm_weights.split(",")],
+                          [float(s) for s in word_scores.split(",")], beam_size=beam_size, checkpoint=checkpoint,
+                          device=device, log=lambda m: typer.echo(m, err=True))
+    except (*_train_errors(), RuntimeError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    best, greedy = result["best"], result["greedy"]
+    typer.echo(f"{run}: beam {beam_size} + LM, lm_weight {best['lm_weight']:g} word_score {best['word_score']:g}: "
+               f"wer {best['wer']:.2f} cer {best['cer']:.2f} (greedy: wer {greedy['wer']:.2f} cer {greedy['cer']:.2f}) "
+               f"on {result['utterances']} utterances; stored in {run}/decoder.json")
+
+
+lm_app = typer.Typer(no_args_is_help=True, help="Word n-gram language models for beam search.")
+app.add_typer(lm_app, name="lm")
+
+
+@lm_app.command("build")
+def lm_build(
+    texts: list[str] = typer.Argument(..., help="Text files (one sentence per line, normalised like the "
+                                      "transcripts) and/or manifests (JSONL with a 'text' field)"),
+    order: int = typer.Option(3, help="n-gram order"),
+    out: str = typer.Option(..., "--out", "-o", help="LM directory: lm.arpa, lm.bin, lexicon.txt, lm.json"),
+    run: str | None = typer.Option(None, help="Spell the lexicon in this run's units (bpe runs need it); "
+                                   "default: characters"),
+    min_count: int = typer.Option(1, help="Words seen fewer times stay in the LM but not in the lexicon"),
+    prune: str | None = typer.Option(None, help="lmplz --prune thresholds per order, e.g. 0,0,1"),
+) -> None:
+    """Estimate a word n-gram LM with KenLM's lmplz (modified Kneser-Ney) and write its lexicon."""
+    from hff_cache.evaluation.language_model import build_lm
+
+    try:
+        tokenizer = None
+        if run is not None:  # the run's own tokenizer (cached or online run): its units, its fingerprint
+            from hff_cache.runs.directory import RunDir
+
+            tokenizer = RunDir(run).read_document().task.build().tokenizer
+        lm = build_lm(texts, order, out, tokenizer=tokenizer, min_count=min_count,
+                      prune=[int(p) for p in prune.split(",")] if prune else None)
+    except (*_train_errors(), RuntimeError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{out}: {lm.order}-gram LM over {lm.words} words ({'binary + ' if lm.binary else ''}ARPA), "
+               f"lexicon {lm.lexicon}")
 
 
 labels_app = typer.Typer(no_args_is_help=True, help="Make label files (JSONL keyed by utterance id).")
