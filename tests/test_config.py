@@ -16,10 +16,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from hff_cache import cli
 from hff_cache.batches.from_cache import CacheBatches
 from hff_cache.cache.codecs import CODECS, FP16Codec
 from hff_cache.cli import app
+from hff_cache.cli import data as cli_data
+from hff_cache.cli import runs as cli_runs
 from hff_cache.config import ConfigError, ExtractConfig, TrainConfig, train_config
 from hff_cache.model.adapters import METHODS
 from hff_cache.model.fusion import FusionConfig, fusion_choices
@@ -88,7 +89,7 @@ def nothing_loads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_train_options_are_the_dataclass_fields_with_their_defaults() -> None:
     params = {p.name: p for p in _command("train").params}
-    options = {o.key: o for o in cli.TRAIN_OPTIONS}
+    options = {o.key: o for o in cli_runs.TRAIN_OPTIONS}
     assert set(options) == _flat_keys(TrainConfig)  # every field (fusion's too) is an option, nothing else
     defaults = TrainConfig()
     for key, opt in options.items():
@@ -130,14 +131,14 @@ def test_the_flags_of_the_reference_keep_their_names_and_forms() -> None:
 def test_extract_and_probe_defaults_come_from_the_configs() -> None:
     ext = {p.name: p.default for p in _command("extract").params}
     base = ExtractConfig(model="m", data="d", out="o")
-    for opt in cli.EXTRACT_OPTIONS:
+    for opt in cli_data.EXTRACT_OPTIONS:
         name = opt.parameter.name
         if name in ("model", "data", "out", "num_shards", "shard_index"):  # required; torchrun's by default
             continue
         assert opt.parse(ext[name]) == _at(base, opt.key), name
     probe = {p.name: p.default for p in _command("probe").params}
     assert probe["lr"] == TrainConfig.lr and probe["fusion_width"] == FusionConfig.width
-    assert probe["batch_frames"] == TrainConfig.batch_frames and probe["epochs"] == cli.PROBE_EPOCHS
+    assert probe["batch_frames"] == TrainConfig.batch_frames and probe["epochs"] == cli_runs.PROBE_EPOCHS
 
 
 # --- names checked against the registries before any model loads ---------------------------------------------
