@@ -230,11 +230,17 @@ def _split_units(tokenizer: Any, ids: Sequence[int], greedy: list[int], greedy_f
                                  autojunk=False).get_matching_blocks()
     out = []
     for s in splits:
-        k, j = bisect.bisect_left(g_first, s), 0  # k best-path words start before the split
-        for a, b, size in blocks:  # matched runs: best-path words a.. are decoded words b..
-            if a >= k:
+        k = bisect.bisect_left(g_first, s)  # k best-path words start before the split
+        prev = (0, 0, 0)
+        for a, b, size in (*blocks, (len(g_words), len(d_words), 0)):  # best-path words a.. are decoded words b..
+            if a + size >= k:
+                if a <= k:  # the split falls inside (or at an end of) this matched run
+                    j = b + (k - a)
+                else:  # between two matched runs: share the unmatched decoded words out in proportion
+                    ga, da = prev[0] + prev[2], prev[1] + prev[2]
+                    j = da + round((b - da) * (k - ga) / (a - ga))
                 break
-            j = b + min(size, k - a)
+            prev = (a, b, size)
         out.append(d_words[j][1][0] if j < len(d_words) else len(ids))
     return np.maximum.accumulate(out).tolist() if out else []
 
