@@ -95,9 +95,12 @@ def test_a_real_problem_still_warns(tmp_path: Path) -> None:
     rows = [{"id": f"utt{i:03d}", "text": t} for i, t in enumerate(texts)]
     rows += [{"id": "ghost1", "text": "ab"}, {"id": "ghost2", "text": "ba"}]  # not in the cache
     (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = hff(["train", "--cache", str(cache), "--labels", "labels.jsonl", "--task", "asr", "--epochs", "1",
-                "--out", "run"], tmp_path, strict=False)
+    args = ["train", "--cache", str(cache), "--labels", "labels.jsonl", "--task", "asr", "--epochs", "1"]
+    proc = hff([*args, "--out", "run"], tmp_path, strict=False)
     assert proc.returncode == 0, proc.stderr
     warned = [ln for ln in proc.stderr.splitlines() if "LabelWarning" in ln]
     assert len(warned) == 1 and "2 of 8 label ids are not in" in warned[0] and "'ghost1'" in warned[0], \
         proc.stderr
+    # and the strict runs above really turn a warning into an error
+    strict = hff([*args, "--out", "run-strict"], tmp_path)
+    assert strict.returncode != 0 and "LabelWarning: 2 of 8 label ids" in strict.stderr, strict.stderr

@@ -4,7 +4,8 @@ what an earlier block of its document made.
 
 The scratch directory is laid out like a checkout: `tmp/repo` (the working directory) with `.venv` linking to
 this venv, and `tmp/shared` linking to the `../shared` beside the checkout (CI has a copy there, with the
-LibriSpeech subset), so the blocks' `source .venv/bin/activate` and `../shared/data/...` paths hold.
+LibriSpeech subset), so the blocks' `source .venv/bin/activate` and `../shared/data/...` paths hold. The two
+documents run at the same time, each on its own share of the CPUs (see test_documented_commands_run).
 
 Conventions a block follows:
 - A ```yaml block whose first line is `# NAME.yaml ...` is the file NAME.yaml, written into the working
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -90,7 +92,7 @@ def checkout(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """tmp/repo with .venv -> this venv and tmp/shared -> ../shared; the environment of a shell in it."""
     assert SHARED.is_dir(), f"the shared data folder {SHARED} (beside the checkout) is missing"
     repo = tmp_path / "repo"
-    repo.mkdir()
+    repo.mkdir(parents=True)
     (repo / ".venv").symlink_to(Path(sys.executable).parents[1], target_is_directory=True)
     (tmp_path / "shared").symlink_to(SHARED, target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
@@ -101,45 +103,89 @@ def checkout(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return repo, env
 
 
-def run_doc(name: str, text: str, tmp_path: Path, timeout: float = TIMEOUT_S) -> tuple[str | None, str]:
-    """Run a document's blocks in tmp/repo; (None, output) when all pass, else (failure report, output).
-    The script and its output stay beside the repo (tmp/NAME.sh, NAME.log): `cd tmp/repo && bash ../NAME.sh`."""
+@dataclass
+class Running:
+    name: str
+    text: str
+    dir: Path
+    shown: dict[int, str]
+    proc: subprocess.Popen
+    t0: float
+
+
+def start_doc(name: str, text: str, tmp_path: Path, cpus: set[int] | None = None) -> Running:
+    """Start a document's blocks in tmp/repo (on `cpus` only, when given). The script and its output, written as
+    it runs, stay beside the repo: tmp/NAME.sh and tmp/NAME.log (to rerun: `cd tmp/repo && bash ../NAME.sh`)."""
     script, shown = script_for(name, text)
     assert shown, f"{name} has no shell block to run"
     repo, env = checkout(tmp_path)
     stem = Path(name).name
     (tmp_path / f"{stem}.sh").write_text(script)
-    t0 = time.perf_counter()
-    with (tmp_path / f"{stem}.log").open("w") as log:  # written as it runs: `tail -f` it
-        proc = subprocess.Popen(["bash", str(tmp_path / f"{stem}.sh")], cwd=repo, env=env, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    mask = os.sched_getaffinity(0)
+    with (tmp_path / f"{stem}.log").open("w") as log:
         try:
-            rc: int | str = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # bash and every command it started
-            proc.wait()
-            rc = f"killed after {timeout:.0f} s"
-    out = (tmp_path / f"{stem}.log").read_text(errors="replace")
+            if cpus:
+                os.sched_setaffinity(0, cpus)  # this thread only, inherited by the child
+            proc = subprocess.Popen(["bash", str(tmp_path / f"{stem}.sh")], cwd=repo, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        finally:
+            os.sched_setaffinity(0, mask)
+    return Running(name, text, tmp_path, shown, proc, time.perf_counter())
+
+
+def finish_doc(run: Running, deadline: float) -> tuple[str | None, str]:
+    """Wait for a started document (killed at `deadline`, a perf_counter time); (None, output) when every block
+    passed, else (the failing block with its own output, output)."""
+    try:
+        rc: int | str = run.proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
+    except subprocess.TimeoutExpired:
+        os.killpg(run.proc.pid, signal.SIGKILL)  # bash and every command it started
+        run.proc.wait()
+        rc = f"killed after {time.perf_counter() - run.t0:.0f} s"
+    out = (run.dir / f"{Path(run.name).name}.log").read_text(errors="replace")
     took = {int(m.group(1)): int(m.group(2)) for m in re.finditer(rf"^{MARK} (\d+) done in (\d+) s$", out, re.M)}
-    lines = {n: line for n, (_, line, _) in enumerate(blocks(text))}
-    print(f"{name}: {len(took)}/{len(shown)} blocks in {time.perf_counter() - t0:.0f} s:",
+    lines = {n: line for n, (_, line, _) in enumerate(blocks(run.text))}
+    print(f"{run.name}: {len(took)}/{len(run.shown)} blocks in {time.perf_counter() - run.t0:.0f} s:",
           ", ".join(f"line {lines[n]}: {s} s" for n, s in took.items()))
     if rc == 0:
         return None, out
     started = [int(m.group(1)) for m in re.finditer(rf"^{MARK} (\d+) start$", out, re.M)]
-    n = started[-1] if started else min(shown)
+    n = started[-1] if started else min(run.shown)
     since = out.rsplit(f"{MARK} {n} start\n", 1)[-1]
-    return f"a documented block failed (exit {rc}):\n--- block {shown[n]}--- its output\n{since[-20000:]}", out
+    return f"a documented block failed (exit {rc}):\n--- block {run.shown[n]}--- its output\n{since[-20000:]}", out
 
 
-@pytest.mark.parametrize("doc", DOCS)
-def test_documented_commands_run(doc: str, tmp_path: Path) -> None:
-    failure, out = run_doc(doc, (ROOT / doc).read_text(encoding="utf-8"), tmp_path)
-    if failure:
-        pytest.fail(failure, pytrace=False)
-    warned = [ln for ln in out.splitlines() if "Warning" in ln and not ln.startswith("+ ")]
-    assert not warned, f"the documented commands of {doc} print warnings (see tests/test_clean_output.py):\n" + \
-        "\n".join(warned)
+def run_doc(name: str, text: str, tmp_path: Path, timeout: float = TIMEOUT_S) -> tuple[str | None, str]:
+    return finish_doc(start_doc(name, text, tmp_path), time.perf_counter() + timeout)
+
+
+def cpu_shares(n: int) -> list[set[int] | None]:
+    """n disjoint shares of the CPUs this process may use (None each when there are fewer CPUs than shares)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < n:
+        return [None] * n
+    return [set(cpus[i * len(cpus) // n:(i + 1) * len(cpus) // n]) for i in range(n)]
+
+
+def test_documented_commands_run(tmp_path: Path) -> None:
+    """Both documents at once, each on its own share of the CPUs: the commands size torch's threads to the CPUs
+    they may use (hff_cache/runtime/threads.py), so two documents never oversubscribe the cores. Oversubscribed,
+    a 2-thread OpenMP team collapses: a 2-step epoch of the README's training took 290 s instead of about 35 s."""
+    runs = [start_doc(doc, (ROOT / doc).read_text(encoding="utf-8"), tmp_path / Path(doc).stem, cpus)
+            for doc, cpus in zip(DOCS, cpu_shares(len(DOCS)), strict=True)]
+    deadline = time.perf_counter() + TIMEOUT_S
+    problems = []
+    for run in runs:
+        failure, out = finish_doc(run, deadline)
+        warned = [ln for ln in out.splitlines() if "Warning" in ln and not ln.startswith("+ ")]
+        if failure:
+            problems.append(f"{run.name}: {failure}")
+        elif warned:
+            problems.append(f"{run.name}: the documented commands print warnings (see tests/test_clean_output.py):\n"
+                            + "\n".join(warned))
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)
 
 
 def test_every_fence_is_tagged() -> None:
