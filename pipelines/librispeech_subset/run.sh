@@ -49,29 +49,8 @@ done
 
 command -v hff-cache >/dev/null || { echo "hff-cache is not on PATH (source .venv/bin/activate)" >&2; exit 2; }
 mkdir -p "$exp/.done" "$exp/manifests" "$exp/caches" "$exp/labels"
-log() { echo "$(date '+%F %T') $*"; }
-
-# run_stage N NAME: true when stage N is inside --stage..--stop-stage and not done yet
-run_stage() {
-  local n="$1" name="$2"
-  if [ "$stage" -le "$n" ] && [ "$stop_stage" -ge "$n" ]; then
-    if [ -f "$exp/.done/stage-$n" ]; then
-      log "stage $n ($name): done already ($exp/.done/stage-$n)"; return 1
-    fi
-    log "stage $n: $name"; return 0
-  fi
-  return 1
-}
-done_stage() { date '+%F %T' > "$exp/.done/stage-$1"; }
-
+source "$here/../stages.sh"  # log, run_stage, done_stage, train
 caches="$exp/caches"
-train() {  # train RUN [options...]: one run directory under $exp, resumed if it was interrupted
-  local run="$exp/$1"; shift
-  if [ -f "$run/metrics.json" ]; then log "  $run: finished already"; return; fi
-  local resume=()
-  [ -f "$run/config.json" ] && resume=(--resume)
-  hff-cache train --out "$run" --epochs "$epochs" --threads "$threads" "${resume[@]}" "$@" "${extra[@]}"
-}
 
 if run_stage 0 "manifests"; then
   hff-cache manifest "$data" --speakers 4088,4406 --out "$exp/manifests/train.jsonl"
