@@ -90,13 +90,11 @@ def evaluate_run(run: str | Path, cache: str | None = None, checkpoint: str = "b
     ``--lm``, ...): over the run's tuned ones (``tune-decoder``), over greedy.
     """
     from hff_cache.runtime.distributed import resolve_device
-    from hff_cache.tasks.task import load_labels
 
     if (cache is None) == (data is None):
         raise ValueError("evaluate needs --cache or --data (one of them)")
     loaded = load_run(run, checkpoint, with_encoder=data is not None)
-    labels_path = labels if labels is not None else (loaded.config.valid_labels or loaded.config.labels)
-    label_rows = load_labels(labels_path) if labels_path else None
+    label_rows = evaluation_labels(loaded, labels)
     dev = resolve_device(device)
     if cache is not None:
         index, source, data_ = cache_source(loaded, cache, label_rows, storage_options, batch_frames)
@@ -117,6 +115,15 @@ def evaluate_run(run: str | Path, cache: str | None = None, checkpoint: str = "b
         summary["groups"] = group_metrics(loaded.task.name, result.rows, groups_of)
     loaded.run.write_evaluation(name, result.rows, summary)
     return summary
+
+
+def evaluation_labels(loaded: Any, labels: str | None = None) -> dict[str, dict[str, Any]] | None:
+    """The label rows to score a run on: ``labels`` if given, else the run's validation labels, else its labels
+    (None: the cache's own texts and metadata)."""
+    from hff_cache.tasks.task import load_labels
+
+    path = labels if labels is not None else (loaded.config.valid_labels or loaded.config.labels)
+    return load_labels(path) if path else None
 
 
 def run_decoder(loaded: Any, given: dict[str, Any]) -> DecoderConfig:

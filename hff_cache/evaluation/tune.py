@@ -15,11 +15,10 @@ from typing import Any
 import torch
 
 from hff_cache.evaluation.decoding import CTCDecoder, DecoderConfig
-from hff_cache.evaluation.evaluate import cache_source, model_outputs
+from hff_cache.evaluation.evaluate import cache_source, evaluation_labels, model_outputs
 from hff_cache.evaluation.metrics import task_metrics
 from hff_cache.runs.document import RunError
 from hff_cache.runs.loading import load_run
-from hff_cache.tasks.task import load_labels
 
 __all__ = ["tune_decoder"]
 
@@ -27,8 +26,7 @@ __all__ = ["tune_decoder"]
 def _outputs(loaded: Any, cache: str, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor],
                                                                      list[str], list[str]]:
     """The log-probs of every labelled utterance of ``cache`` (on the CPU), their lengths, ids and references."""
-    labels_path = loaded.config.valid_labels or loaded.config.labels
-    _, source, data = cache_source(loaded, cache, load_labels(labels_path) if labels_path else None, None, None)
+    _, source, data = cache_source(loaded, cache, evaluation_labels(loaded), None, None)
     refs = dict(zip(data.ids, data.refs, strict=True))
     outs, lens, ids = [], [], []
     loaded.model.to(device)
