@@ -182,6 +182,25 @@ def test_classify_speaker(cache, tmp_path):
     assert doc["task"]["tokenizer"] == {"type": "label", "format": 1, "labels": ["spk0", "spk1"]}
 
 
+def test_a_labels_file_is_the_split(cache, tmp_path):
+    """Cache ids without a row in --labels are left out, even where the cache has its own text or speaker:
+    a 1-hour subset of a cache, or a speaker-id split over one cache, must not train on the other rows."""
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    subset = write("subset.jsonl", [{"id": "utt000"}, {"id": "utt002", "text": "BA"}])  # text: from the cache
+    with pytest.warns(LabelWarning, match="4 of 6 utterances"):
+        train(config(cache, tmp_path / "asr", labels=subset, valid_labels=subset, epochs=1), log=quiet)
+    caches = json.loads((tmp_path / "asr/config.json").read_text())["caches"]
+    assert caches["train"]["utterances"] == caches["valid"]["utterances"] == 2
+    spk = write("spk.jsonl", [{"id": f"utt{i:03d}"} for i in range(4)])
+    with pytest.warns(LabelWarning):
+        train(config(cache, tmp_path / "spk", task="classify:speaker", labels=spk, epochs=1), log=quiet)
+    assert json.loads((tmp_path / "spk/config.json").read_text())["caches"]["train"]["utterances"] == 4
+
+
 def test_label_coverage_is_reported(cache, tmp_path):
     labels = tmp_path / "phones.jsonl"
     rows = [{"id": f"utt{i:03d}", "phones": " ".join(t.replace(" ", ""))} for i, t in enumerate(TEXTS)][:4]

@@ -240,13 +240,19 @@ def _unknown_symbols(tok: Any, ref: str) -> set[str]:
 
 
 def raw_labels(name: str, reader: Any, labels: dict[str, dict] | None) -> tuple[dict[str, str], list[str]]:
-    """{cache id: raw label string} for the task, plus cache ids without one (in cache order)."""
+    """{cache id: raw label string} for the task, plus cache ids without one (in cache order).
+
+    A labels file is the split: cache ids it has no row for are left out (a subset of a cache, a speaker-id
+    split over one cache). Within a row, a missing field falls back to the cache's own text or metadata."""
     field_name = label_field(name)
     out: dict[str, str] = {}
     missing: list[str] = []
     for i, uid in enumerate(reader.ids):
         value: Any = None
-        if labels is not None and uid in labels:
+        if labels is not None and uid not in labels:
+            missing.append(uid)
+            continue
+        if labels is not None:
             row = labels[uid]
             value = row.get(field_name, row.get("label") if name.startswith("classify:") else None)
         if value is None and name == "asr":
