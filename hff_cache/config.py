@@ -180,6 +180,8 @@ class TrainConfig:
                                              "method's default)")
     grad_checkpointing: bool = setting(False, "Online: recompute encoder layers in the backward pass (less "
                                               "memory, ~1 more forward; for full)")
+    from_layer: int | None = setting(None, "Online, partial caching: hidden states 0..K come from --cache (the "
+                                           "same encoder's), only layers K+1..L run, with adapters (docs/cli.md)")
     batch_seconds: float = setting(60.0, "Online: padded audio seconds per batch")
     max_train_utts: int | None = setting(None, "Online: train on N evenly spaced utterances")
     max_valid_utts: int | None = setting(None, "Online: validate on N evenly spaced utterances")
@@ -217,13 +219,28 @@ class TrainConfig:
         self._check_mode()
 
     def _check_mode(self) -> None:
-        if self.online and (self.cache or self.valid_cache):
+        if self.from_layer is not None:
+            self._check_partial()
+        elif self.online and (self.cache or self.valid_cache):
             raise ValueError("--online trains from audio (--data/--valid-data); --cache/--valid-cache are for "
-                             "cached mode")
+                             "cached mode, or for --online --from-layer K (partial caching)")
         if not self.online and (self.model or self.data or self.valid_data):
             raise ValueError("--model/--data/--valid-data need --online (cached mode reads --cache)")
-        if self.valid_labels and (self.online or not self.valid_cache):
-            raise ValueError("--valid-labels labels the validation cache: it needs --valid-cache (cached mode)")
+        if self.valid_labels and not self.valid_cache:
+            raise ValueError("--valid-labels labels the validation cache: it needs --valid-cache")
+
+    def _check_partial(self) -> None:
+        if not (self.online and self.model and self.cache):
+            raise ValueError("--from-layer K is partial caching: it needs --online, --model and --cache (that "
+                             "encoder's hidden states 0..K)")
+        if self.data or self.valid_data:
+            raise ValueError("--from-layer reads its utterances from --cache/--valid-cache, not --data/--valid-data")
+        if self.from_layer < 0:
+            raise ValueError(f"--from-layer must be >= 0, not {self.from_layer}")
+        if not METHODS[self.method].partial:
+            partial = ", ".join(m for m, spec in METHODS.items() if spec.partial)
+            raise ValueError(f"--from-layer works with --method {partial}, not {self.method}: it would train "
+                             "weights of the layers the cache stands in for")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

@@ -60,11 +60,13 @@ def train(
     in the loop); writes a run directory. Under torchrun: DistributedDataParallel, each rank on its share."""
     from hff_cache.training.cached import train as run_train
     from hff_cache.training.online import train_online
+    from hff_cache.training.partial import train_partial
 
     try:
         # defaults < --config file < options typed here < --set
         cfg = train_config(config, flags=config_values(TRAIN_OPTIONS, options, given_in=ctx), sets=set_)
-        metrics = train_online(cfg) if cfg.online else run_train(cfg)
+        run = train_partial if cfg.from_layer is not None else train_online if cfg.online else run_train
+        metrics = run(cfg)
     except _train_errors() as exc:
         _fail(str(exc))
     keys = ("wer", "cer", "per", "accuracy", "best_epoch", "trainable_params", "trainable_encoder_params",

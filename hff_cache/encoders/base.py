@@ -7,6 +7,12 @@ real frames (see each family's notes), so the cache never depends on batch compo
 
 `layer_transforms` (one module per transformer layer, or None) are applied to each layer's
 output inside the forward pass; online mode puts bottleneck adapters there.
+
+`forward_from` is the top of the same forward pass: transformer layers K+1..L run on a given h_K (read
+from a cache) instead of on audio. Partial caching (`train --online --from-layer K`) trains adapters in the
+top layers that way while the frozen bottom is never recomputed. Families whose layers need more than h_K
+and a padding mask (WavLM's shared position bias, the Conformers' relative positions) say so with
+`partial_support`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from torch import nn
 
 from hff_cache.cache.format import EncoderInfo
+from hff_cache.runtime.tensors import length_mask
 
 
 @dataclass
@@ -79,6 +86,30 @@ class SpeechEncoder(nn.Module):
             return hidden
         return self.layer_transforms[index](hidden)
 
+    # ---- partial forward (the top layers from a cached h_K) ------------------------------------------
+    partial_support: str = ""  # empty: forward_from works; else why this family cannot run from h_K
+
+    def forward_from(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, start: int,
+                     layers: Sequence[int]) -> list[torch.Tensor]:
+        """Hidden states ``layers`` (each > ``start``) computed from h_``start`` (B, T, D) of real length
+        ``frame_lengths``: the same values the full forward gives on the audio, frames past each length
+        aside. Adapters (``layer_transforms``) apply as in ``forward``."""
+        if self.partial_support:
+            raise ValueError(f"{self.info.name}: cannot run from a cached hidden state ({self.partial_support})")
+        n = self.num_hidden_states - 1
+        wanted = list(layers)
+        if not 0 <= start <= n or any(not start < k <= n for k in wanted):
+            raise ValueError(f"forward_from({start}) computes hidden states {start + 1}..{n}, not {wanted}")
+        if not wanted:
+            return []
+        states = self._forward_from(hidden, frame_lengths.to(hidden.device), start, max(wanted))
+        return [states[k - start - 1] for k in wanted]
+
+    def _forward_from(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, start: int,
+                      upto: int) -> list[torch.Tensor]:
+        """Hidden states h_start+1..h_upto from h_start."""
+        raise NotImplementedError
+
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The encoder's own weights (not the layer transforms)."""
         skip = {id(p) for p in self.layer_transforms.parameters()} if self.layer_transforms else set()
@@ -96,6 +127,15 @@ def weights_fingerprint(module: nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def key_padding_bias(frame_lengths: torch.Tensor, frames: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask (B, 1, T, T): 0 on real keys, the dtype's minimum on padded ones.
+
+    Eager and SDPA attention both take it, so padded frames never reach real ones."""
+    keep = length_mask(frame_lengths, frames)
+    bias = torch.zeros(keep.shape[0], 1, frames, frames, dtype=dtype, device=frame_lengths.device)
+    return bias.masked_fill(~keep[:, None, None, :], torch.finfo(dtype).min)
 
 
 def pad_stack(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,12 +25,16 @@ import torch
 from torch import nn
 
 from hff_cache.cache.format import EncoderInfo
-from hff_cache.encoders.base import EncoderBatch, SpeechEncoder, pad_stack, weights_fingerprint
+from hff_cache.encoders.base import EncoderBatch, SpeechEncoder, key_padding_bias, pad_stack, weights_fingerprint
 from hff_cache.runtime.tensors import length_mask
 
 
 class _StopForward(Exception):
     """Raised from a hook once the last requested layer has run."""
+
+
+# Families whose layers take only (hidden states, attention mask), so the top layers can run from a cached h_K.
+PARTIAL_FAMILIES = ("wav2vec2", "hubert", "data2vec-audio")
 
 
 class HFSpeechEncoder(SpeechEncoder):
@@ -165,6 +169,28 @@ class HFSpeechEncoder(SpeechEncoder):
                 h.remove()
             self._mask = self._sample_lengths = None
         return [s[:, :max_frames] if s is not None else None for s in states[: upto + 1]]
+
+    @property
+    def partial_support(self) -> str:  # type: ignore[override]
+        if self.config.model_type in PARTIAL_FAMILIES:
+            return ""
+        return (f"{self.config.model_type} layers need more than the hidden states and a padding mask (shared "
+                f"position bias or relative positions); partial caching supports {', '.join(PARTIAL_FAMILIES)} "
+                "and Whisper")
+
+    def _forward_from(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, start: int,
+                      upto: int) -> list[torch.Tensor]:
+        hidden = hidden.to(next(self.parameters()).dtype)
+        attn = key_padding_bias(frame_lengths, hidden.shape[1], hidden.dtype)
+        n_layers = len(self.layers)
+        states = []
+        for i in range(start, upto):
+            out = self.layers[i](hidden, attention_mask=attn)
+            hidden = self.transform_layer_output(i, out[0] if isinstance(out, tuple) else out)
+            states.append(hidden)
+        if upto == n_layers and getattr(self.config, "do_stable_layer_norm", False):
+            states[-1] = self.model.encoder.layer_norm(hidden)  # the encoder's output, as h_L is stored
+        return states
 
     def frozen_feature_encoder_parameters(self) -> list[nn.Parameter]:
         fe = getattr(self.model, "feature_extractor", None)

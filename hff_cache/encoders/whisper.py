@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hff_cache.cache.format import EncoderInfo
-from hff_cache.encoders.base import EncoderBatch, SpeechEncoder, pad_stack, weights_fingerprint
+from hff_cache.encoders.base import EncoderBatch, SpeechEncoder, key_padding_bias, pad_stack, weights_fingerprint
 from hff_cache.runtime.tensors import length_mask
 
 SAMPLE_RATE = 16000
@@ -61,6 +61,12 @@ class WhisperSpeechEncoder(SpeechEncoder):
     @property
     def layers(self) -> nn.ModuleList:
         return self.encoder.layers
+
+    @property
+    def partial_support(self) -> str:  # type: ignore[override]
+        # A 30 s-window cache is trimmed to the real frames, but its layers attended all 1500 positions
+        return "" if self.input_window == "real" else "its layers attended the whole 30 s window, the cache " \
+            "holds the real frames only; extract at --whisper-window real"
 
     def set_window(self, window: str) -> None:
         """``real`` (default) or ``30s``: see the module docstring."""
@@ -111,14 +117,22 @@ class WhisperSpeechEncoder(SpeechEncoder):
             raise ValueError(f"{t} frames exceed Whisper's {enc.embed_positions.weight.shape[0]} positions")
         hidden = x + enc.embed_positions.weight[:t].to(x.dtype)
         hidden = nn.functional.dropout(hidden, p=enc.config.dropout, training=self.training)
-        mask = length_mask(batch.inputs.get("attended_frames", batch.frame_lengths).to(x.device), t)
-        # Additive key-padding mask (B, 1, T, T): works with eager and SDPA attention.
-        attn = torch.zeros(mask.shape[0], 1, t, t, dtype=hidden.dtype, device=hidden.device)
-        attn = attn.masked_fill(~mask[:, None, None, :], torch.finfo(hidden.dtype).min)
-        states = [hidden]
+        attended = batch.inputs.get("attended_frames", batch.frame_lengths).to(x.device)
+        return [hidden, *self._run_layers(hidden, attended, 0, upto)]
+
+    def _forward_from(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, start: int,
+                      upto: int) -> list[torch.Tensor]:
+        return self._run_layers(hidden.to(self.encoder.conv1.weight.dtype), frame_lengths, start, upto)
+
+    def _run_layers(self, hidden: torch.Tensor, attended: torch.Tensor, start: int,
+                    upto: int) -> list[torch.Tensor]:
+        """h_start+1..h_upto from h_start; attention over the first ``attended`` frames of each item."""
+        enc = self.encoder
+        attn = key_padding_bias(attended, hidden.shape[1], hidden.dtype)
+        states = []
         n_layers = len(enc.layers)
-        for i, layer in enumerate(enc.layers[:upto]):
-            out = layer(hidden, attn)
+        for i in range(start, upto):
+            out = enc.layers[i](hidden, attn)
             hidden = out[0] if isinstance(out, tuple) else out
             hidden = self.transform_layer_output(i, hidden)
             states.append(enc.layer_norm(hidden) if i == n_layers - 1 else hidden)

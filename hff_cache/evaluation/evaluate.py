@@ -146,7 +146,7 @@ def cache_source(loaded: Any, cache: str, labels: Any, storage_options: dict | N
     reader = CacheReader(cache, storage_options=storage_options)
     check_cache(reader, doc.caches["train"], what=f"evaluation cache {cache}")
     data = task.prepare(reader, labels, split="evaluation")
-    source = CacheBatches(reader, data, ctc=task.kind == "ctc", layers=loaded.model.spec.layers,
+    source = CacheBatches(reader, data, ctc=task.kind == "ctc", layers=loaded.model.spec.cached_layers,
                           batch_frames=batch_frames or cfg.batch_frames, max_batch_utts=cfg.max_batch_utts,
                           shuffle=False, in_memory=False, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
     return reader, source, data

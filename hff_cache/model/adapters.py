@@ -11,6 +11,9 @@ switches on exactly the parameters it trains:
 - ``hff-frozen``: nothing in the encoder (it runs under no_grad); hierarchical fusion over all hidden
   states -- the cached path's model, with the encoder in the loop.
 
+Partial caching (``--from-layer K``, the adapter methods only): adapters sit in layers K+1..L alone, and
+h_0..h_K come from a cache of the same encoder (``training.partial``).
+
 Adapters count as encoder parameters (as in the papers' "trainable encoder parameters"). An adapter is
 x + W_up GELU(W_down LN(x)) with W_up initialised near zero (std 1e-3, not exactly zero: with a zero
 W_up, W_down and the LayerNorm would get no gradient on the first step), so training starts from the
@@ -52,8 +55,10 @@ class BottleneckAdapter(nn.Module):
 
 
 def attach_adapters(encoder: SpeechEncoder, bottleneck: int = 64, layers: str = "all",
-                    init_std: float = 1e-3) -> nn.ModuleList:
+                    init_std: float = 1e-3, first: int = 0) -> nn.ModuleList:
     """Put adapters after every transformer layer (``all``) or only the last (``last``); return them.
+    ``first`` (partial caching, ``--from-layer``): no adapter below transformer layer ``first`` (0-based), whose
+    input h_first then comes from the cache unchanged.
 
     They live in ``encoder.layer_transforms`` (identity where no adapter), which the encoder applies to
     each layer's output inside its forward pass, so later layers (and the fusion) see adapted states.
@@ -65,8 +70,8 @@ def attach_adapters(encoder: SpeechEncoder, bottleneck: int = 64, layers: str = 
     n = len(encoder.layers)
     d = int(encoder.info.hidden_size)
     device = next(encoder.parameters()).device
-    mods = [BottleneckAdapter(d, bottleneck, init_std) if layers == "all" or i == n - 1 else nn.Identity()
-            for i in range(n)]
+    mods = [BottleneckAdapter(d, bottleneck, init_std) if i >= first and (layers == "all" or i == n - 1)
+            else nn.Identity() for i in range(n)]
     encoder.layer_transforms = nn.ModuleList(mods).to(device)
     return encoder.layer_transforms
 
@@ -84,13 +89,13 @@ class MethodSetup:
     encoder_trainable: bool  # False: run the encoder under no_grad (hff-frozen)
 
 
-def _adapters_everywhere(encoder: SpeechEncoder, bottleneck: int) -> None:
-    for p in attach_adapters(encoder, bottleneck, "all").parameters():
+def _adapters_everywhere(encoder: SpeechEncoder, bottleneck: int, first: int = 0) -> None:
+    for p in attach_adapters(encoder, bottleneck, "all", first=first).parameters():
         p.requires_grad_(True)
 
 
-def _adapter_on_top(encoder: SpeechEncoder, bottleneck: int) -> None:
-    for p in attach_adapters(encoder, bottleneck, "last").parameters():
+def _adapter_on_top(encoder: SpeechEncoder, bottleneck: int, first: int = 0) -> None:
+    for p in attach_adapters(encoder, bottleneck, "last", first=first).parameters():
         p.requires_grad_(True)
 
 
@@ -110,34 +115,47 @@ class Method:
     """An online method: what it switches on in the frozen encoder, and whether the fusion reads every
     hidden state (hierarchical) or the last one."""
 
-    setup: Callable[[SpeechEncoder, int], None]  # (encoder, bottleneck) -> None
+    setup: Callable[..., None]  # (encoder, bottleneck[, first]) -> None; ``first`` only where partial
     hierarchical: bool
     trains_encoder: bool = True
     # LR of the encoder's own weights when --encoder-lr is not given (None: the head's --lr). Full fine-tuning
     # needs a far smaller step than a freshly initialised head; BitFit's few biases tolerate a larger one.
     encoder_lr: float | None = None
     uses_adapters: bool = False
+    # Partial caching (--from-layer K) needs every trained weight above h_K: adapters qualify, BitFit and full
+    # would train weights of the layers the cache replaces.
+    partial: bool = False
 
 
 # The registry. A new method is one function (or file) plus one line here; docs/contributing.md.
 METHODS: dict[str, Method] = {
-    "hff-adapters": Method(_adapters_everywhere, hierarchical=True, uses_adapters=True),
-    "adapters": Method(_adapter_on_top, hierarchical=False, uses_adapters=True),
+    "hff-adapters": Method(_adapters_everywhere, hierarchical=True, uses_adapters=True, partial=True),
+    "adapters": Method(_adapter_on_top, hierarchical=False, uses_adapters=True, partial=True),
     "bitfit": Method(lambda enc, _: _unfreeze(enc, biases_only=True), hierarchical=False, encoder_lr=5e-4),
     "full": Method(lambda enc, _: _unfreeze(enc, biases_only=False), hierarchical=False, encoder_lr=5e-5),
     "hff-frozen": Method(lambda enc, _: None, hierarchical=True, trains_encoder=False),
 }
 
 
-def setup_method(encoder: SpeechEncoder, method: str, bottleneck: int = 64) -> MethodSetup:
-    """Attach adapters and set ``requires_grad`` on ``encoder`` for ``method`` (see the module table)."""
+def setup_method(encoder: SpeechEncoder, method: str, bottleneck: int = 64,
+                 from_layer: int | None = None) -> MethodSetup:
+    """Attach adapters and set ``requires_grad`` on ``encoder`` for ``method`` (see the module table).
+
+    ``from_layer`` K (partial caching): h_0..h_K come from a cache, so only transformer layers K+1..L
+    (0-based K..L-1) get adapters."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     for p in encoder.parameters():
         p.requires_grad_(False)
     encoder.layer_transforms = None
     spec = METHODS[method]
-    spec.setup(encoder, bottleneck)
+    if from_layer is None:
+        spec.setup(encoder, bottleneck)
+    elif not spec.partial:
+        raise ValueError(f"--from-layer works with {', '.join(m for m, s in METHODS.items() if s.partial)}, "
+                         f"not {method}: it would train weights of the layers the cache stands in for")
+    else:
+        spec.setup(encoder, bottleneck, from_layer)
     return MethodSetup(method=method, fusion_kind=None if spec.hierarchical else "last",
                        encoder_trainable=spec.trains_encoder)
 

@@ -1,7 +1,8 @@
 """The trainable model: optional frozen encoder -> fusion body -> task head.
 
 Cached mode has ``encoder=None`` and reads (B, T, L, D) features from the batch; online mode
-(``hff_cache.online``) sets an encoder and computes the same features from ``batch.inputs``. Everything
+(``hff_cache.training.online``) sets an encoder and computes the same features from ``batch.inputs``; partial
+caching (``ModelSpec.from_layer`` K) reads h_0..h_K from the batch and runs the encoder's top layers on h_K. Everything
 after ``features`` -- normalisation, SpecAugment, fusion, head, loss, decoding -- is shared, so the
 training loop, checkpoints and metrics do not know which mode they run.
 
@@ -43,6 +44,15 @@ class ModelSpec:
     layers: list[int]  # hidden-state indices the model reads (in order)
     pooling: str = "mean"
     normalize: str = "none"  # none | stats (buffers ``norm_mean``/``norm_std`` in the weights)
+    from_layer: int | None = None  # partial caching: h_0..h_K come from the cache, the encoder computes the rest
+
+    @property
+    def cached_layers(self) -> list[int]:
+        """The hidden states a batch's ``feats`` hold: all the model reads (cached mode), or, with
+        ``from_layer`` K, those up to K plus h_K itself (the top layers' input)."""
+        if self.from_layer is None:
+            return list(self.layers)
+        return sorted({k for k in self.layers if k <= self.from_layer} | {self.from_layer})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,9 +98,9 @@ class HFFModel(nn.Module):
         return self
 
     def features(self, batch: Batch) -> torch.Tensor:
-        """(B, T, L, D) features: from the batch (cached) or the encoder (online)."""
+        """(B, T, L, D) features: from the batch (cached), the encoder (online), or both (partial caching)."""
         if batch.feats is not None:
-            return batch.feats
+            return batch.feats if self.spec.from_layer is None or self.encoder is None else self._top_up(batch)
         if self.encoder is None:
             raise ValueError("batch has no features and the model has no encoder (online mode)")
         inputs = batch.inputs
@@ -103,9 +113,26 @@ class HFFModel(nn.Module):
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(grad):
             states = self.encoder(inputs, self.spec.layers)
+        return self._stack(states, batch.lengths)
+
+    def _top_up(self, batch: Batch) -> torch.Tensor:
+        """Partial caching: the cached h_0..h_K from the batch, the encoder's layers K+1..L run on h_K."""
+        k, cached = self.spec.from_layer, self.spec.cached_layers
+        assert self.encoder is not None and k is not None and batch.feats is not None
+        feats = batch.feats.float()
+        top = [layer for layer in self.spec.layers if layer > k]
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(grad):
+            computed = self.encoder.forward_from(feats[:, :, cached.index(k)], batch.lengths, k, top)
+        by_layer = dict(zip(top, computed, strict=True))
+        states = [by_layer[layer] if layer > k else feats[:, :, cached.index(layer)] for layer in self.spec.layers]
+        return self._stack(states, batch.lengths)
+
+    @staticmethod
+    def _stack(states: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
         x = torch.stack(states, dim=2)
         # zero padded frames, as the cache's collate does (they never reach real frames either way)
-        valid = length_mask(batch.lengths, x.shape[1], device=x.device)
+        valid = length_mask(lengths, x.shape[1], device=x.device)
         return x.masked_fill(~valid[:, :, None, None], 0.0)
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -49,7 +49,7 @@ def load_run(run: str | Path | RunDir, checkpoint: str = "best", *, with_encoder
     rd = run if isinstance(run, RunDir) else RunDir(run)
     doc = rd.read_document()
     encoder, name = None, None
-    if with_encoder:
+    if with_encoder or doc.model.from_layer is not None:  # partial caching: the top layers read cached h_K
         encoder, name = _rebuild_encoder(doc, encoder_name)
     elif doc.mode == "online":
         raise RunError(f"{rd} is an online run (method {doc.method}): its model includes the encoder and reads "
@@ -76,5 +76,5 @@ def _rebuild_encoder(doc: RunDocument, override: str | None) -> tuple[Any, str]:
                        f"{recorded[:12]}: its fusion and head would read other features")
     if doc.encoder is not None:
         # the method decides which encoder weights the checkpoint holds (adapters, biases, all)
-        setup_method(encoder, doc.encoder.method, int(doc.encoder.bottleneck or 64))
+        setup_method(encoder, doc.encoder.method, int(doc.encoder.bottleneck or 64), doc.model.from_layer)
     return encoder, name

@@ -29,7 +29,7 @@ from hff_cache.tasks.task import Task, TaskData
 from hff_cache.training.loop import Setup, _log, fit
 from hff_cache.training.setup import build_model, load_run_labels, read_layers
 
-__all__ = ["default_encoder_lr", "prepare_online", "train_online"]
+__all__ = ["OnlineEncoder", "default_encoder_lr", "online_encoder", "prepare_online", "train_online"]
 
 
 def default_encoder_lr(method: str, lr: float) -> float:
@@ -45,7 +45,7 @@ def _intake(source: str, limit: int | None, what: str) -> IntakeIndex:
 
 
 @dataclass
-class _Encoder:
+class OnlineEncoder:
     """The encoder with the method set up, and what it implies for the model and the resolved config."""
 
     encoder: SpeechEncoder
@@ -53,10 +53,10 @@ class _Encoder:
     cfg: TrainConfig  # resolved: fusion kind, layers and encoder LR as the method pins them
 
 
-def _setup_encoder(cfg: TrainConfig) -> _Encoder:
+def online_encoder(cfg: TrainConfig) -> OnlineEncoder:
     encoder = load_encoder(cfg.model, "cpu")  # may consume random numbers (module init before loading)
     torch.manual_seed(cfg.seed)
-    ms = setup_method(encoder, cfg.method, cfg.bottleneck)
+    ms = setup_method(encoder, cfg.method, cfg.bottleneck, cfg.from_layer)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(encoder)
     available = list(range(encoder.num_hidden_states))
@@ -68,7 +68,7 @@ def _setup_encoder(cfg: TrainConfig) -> _Encoder:
     fusion = replace(cfg.fusion, kind=ms.fusion_kind) if ms.fusion_kind else cfg.fusion
     layers, fusion = read_layers(fusion, available)
     encoder_lr = cfg.encoder_lr if cfg.encoder_lr is not None else default_encoder_lr(cfg.method, cfg.lr)
-    return _Encoder(encoder, layers, replace(cfg, fusion=fusion, layers=layers, encoder_lr=encoder_lr))
+    return OnlineEncoder(encoder, layers, replace(cfg, fusion=fusion, layers=layers, encoder_lr=encoder_lr))
 
 
 def _sources(cfg: TrainConfig, encoder: SpeechEncoder, task: Task, train: tuple[IntakeIndex, TaskData],
@@ -106,7 +106,7 @@ def prepare_online(cfg: TrainConfig, log: Callable[[str], None] = _log) -> tuple
     task = Task.from_labels(cfg.task, train_index, labels, cfg.units)
     train = (train_index, task.prepare(train_index, labels, "train"))
     valid = (valid_index, task.prepare(valid_index, valid_labels, "valid")) if valid_index is not None else None
-    enc = _setup_encoder(cfg)
+    enc = online_encoder(cfg)
     cfg = enc.cfg
     spec, model = build_model(cfg, task, cfg.fusion, enc.layers, enc.encoder.info.hidden_size, enc.encoder)
     train_src, valid_src, data_doc = _sources(cfg, enc.encoder, task, train, valid)

@@ -53,7 +53,7 @@ def build_model(cfg: TrainConfig, task: Task, fusion: FusionConfig, layers: list
     """The run's model spec and its model, seeded with ``cfg.seed`` right before the weights are made."""
     spec = ModelSpec(fusion=to_dict(fusion), num_layers=len(layers), hidden_size=int(hidden_size),
                      head="ctc" if task.kind == "ctc" else "classify", vocab_size=task.tokenizer.vocab_size,
-                     layers=list(layers), pooling=cfg.pooling, normalize=cfg.normalize)
+                     layers=list(layers), pooling=cfg.pooling, normalize=cfg.normalize, from_layer=cfg.from_layer)
     augment = SpecAugment(cfg.spec_time_masks, cfg.spec_time_width, cfg.spec_feat_masks, cfg.spec_feat_width)
     torch.manual_seed(cfg.seed)
     return spec, HFFModel(spec, encoder=encoder, augment=augment)
