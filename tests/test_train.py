@@ -210,7 +210,8 @@ def test_label_coverage_is_reported(cache, tmp_path):
         m = train(config(cache, tmp_path / "ph", task="phones", labels=str(labels), epochs=1), log=quiet)
     text = " ".join(str(w.message) for w in record)
     assert "'nope-1'" in text and "1 of 5 label ids" in text
-    assert "2 of 6 utterances have no usable 'phones' label" in text and "'utt004'" in text
+    assert "2 of 6 utterances have no usable 'phones' label (2 have no row in the labels file" in text
+    assert "'utt004'" in text
     assert "per" in m
     empty = tmp_path / "none.jsonl"
     empty.write_text(json.dumps({"id": "x", "phones": "A"}) + "\n")

@@ -213,8 +213,10 @@ class Task:
                           f"vocabulary ({desc}); they cannot be predicted and count as errors",
                           LabelWarning, stacklevel=2)
         if unlabelled:
+            outside = sum(uid not in labels for uid in unlabelled) if labels is not None else 0
+            why = f" ({outside} have no row in the labels file, which is the split)" if outside else ""
             warnings.warn(f"{split} cache {reader.url}: {len(unlabelled)} of {len(reader.ids)} utterances have "
-                          f"no usable '{self.field}' label and are left out: {_some(unlabelled)}",
+                          f"no usable '{self.field}' label{why} and are left out: {_some(unlabelled)}",
                           LabelWarning, stacklevel=2)
         order = sorted(range(len(indices)), key=indices.__getitem__)
         return TaskData([indices[i] for i in order], [ids[i] for i in order], [targets[i] for i in order],
