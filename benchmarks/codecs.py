@@ -1,8 +1,9 @@
 """Cache size versus accuracy, side by side in one run: fp16, int8, int4 and int4b (block-scaled int4).
 
-The fp16 caches are transcoded into each codec (decode to float32, re-encode), so every codec sees the same
-frames and the encoder never runs again; then the same recipe trains on each. Also reported: the
-reconstruction error in the space the fusion sees (after its per-frame LayerNorm), per hidden state.
+The fp16 caches are transcoded into each codec (`hff_cache.cache.transcode_cache`, what `hff-cache transcode`
+runs: decode to float32, re-encode), so every codec sees the same frames and the encoder never runs again;
+then the same recipe trains on each. Also reported: the reconstruction error in the space the fusion sees
+(after its per-frame LayerNorm), per hidden state.
 
     python benchmarks/codecs.py --train-cache DEMO/cache/<key>/train.zarr --valid-cache DEMO/cache/<key>/valid.zarr
 
@@ -12,9 +13,7 @@ Writes docs/results/codecs.md and docs/img/codecs.png (and prints the same table
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from hff_cache.cache import CacheReader, CacheWriter, CodecSpec, get_codec
+from hff_cache.cache import CacheReader, get_codec, transcode_cache
 from hff_cache.config import TrainConfig
 from hff_cache.model.fusion import FusionConfig
 from hff_cache.runtime.threads import LoadWatch, warn_if_loaded
@@ -31,26 +30,12 @@ from hff_cache.training.cached import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def transcode(src: str, dst: Path, codec: str) -> str:
-    """Copy cache ``src`` into ``dst`` with another codec (reused when already complete)."""
-    reader = CacheReader(src)
-    if dst.exists():
-        try:
-            done = CacheReader(str(dst))
-            if done.meta.codec.name == codec and len(done) == len(reader):
-                return str(dst)
-        except Exception:  # unreadable leftovers: start over
-            pass
-        shutil.rmtree(dst)
-    c = get_codec(codec)
-    meta = dataclasses.replace(reader.meta, codec=CodecSpec(c.name, c.params), created="")
-    with CacheWriter(str(dst), meta, intake_fingerprint=(reader.meta.intake_fingerprints or [None])[0]) as w:
-        for start in range(0, len(reader), 32):
-            idx = list(range(start, min(start + 32, len(reader))))
-            for i, feats in zip(idx, reader.read_many(idx), strict=True):
-                w.add(reader.ids[i], feats.transpose(1, 0, 2), text=reader.texts[i], meta=reader.metas[i],
-                      num_samples=int(reader.num_samples[i]))
-    return str(dst)
+def transcoded(src: str, dst: Path, codec: str) -> str:
+    """``dst``: ``src`` in ``codec`` (resumable: a finished transcode is only verified again)."""
+    summary = transcode_cache(src, str(dst), codec)
+    if not summary["ok"]:
+        raise SystemExit(f"transcoding {src} to {dst} failed its checks: " + "; ".join(summary["problems"]))
+    return summary["dst"]
 
 
 def ln_error(ref: CacheReader, other: CacheReader, n: int = 40) -> list[float]:
@@ -90,8 +75,8 @@ def main() -> None:
             if codec == ref_train.meta.codec.name:
                 tr, va = a.train_cache, a.valid_cache
             else:
-                tr = transcode(a.train_cache, work / f"{codec}-train.zarr", codec)
-                va = transcode(a.valid_cache, work / f"{codec}-valid.zarr", codec)
+                tr = transcoded(a.train_cache, work / f"{codec}-train.zarr", codec)
+                va = transcoded(a.valid_cache, work / f"{codec}-valid.zarr", codec)
             t_code = time.perf_counter() - t0
             info = CacheReader(tr).info()
             err = ln_error(ref_valid, CacheReader(va))

@@ -17,6 +17,7 @@ from .format import (
     check_compatible,
 )
 from .reader import CacheReader, PartInfo
+from .transcode import transcode_cache
 from .verify import Problem, VerifyReport, verify_cache
 from .writer import CacheWriter, clear_shard_record, record_shard_complete
 
@@ -45,5 +46,6 @@ __all__ = [
     "get_codec",
     "record_shard_complete",
     "register_codec",
+    "transcode_cache",
     "verify_cache",
 ]

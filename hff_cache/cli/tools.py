@@ -1,4 +1,4 @@
-"""Tools on top: the offline demo and the installation doctor."""
+"""Tools on top: the offline demo, the installation doctor, and transcoding a cache to another codec."""
 
 from __future__ import annotations
 
@@ -7,15 +7,19 @@ from typing import Any
 
 import typer
 
+from hff_cache.cache.codecs import CODECS
 from hff_cache.cli.common import (
     Flag,
     _fail,
+    _key_value,
+    _storage_options,
     _train_errors,
     app,
     config_options,
     config_values,
     with_options,
 )
+from hff_cache.config import parse_option_value
 from hff_cache.demo import DemoConfig
 
 _DEMO, _DEMO_SMALL = DemoConfig(out="").resolved(), DemoConfig(out="", small=True).resolved()
@@ -64,3 +68,72 @@ def doctor(
             typer.echo(f"{mark:>8}  {c.name}: {c.detail}" + (f"\n          fix: {c.fix}" if c.fix and not c.ok else ""))
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def transcode(
+    src: str = typer.Argument(..., help="Cache path or URL to read"),
+    dst: str = typer.Argument(..., help="New cache path or URL (rerun the same command to resume)"),
+    codec: str = typer.Option(..., "--codec", help=f"{' | '.join(CODECS)} (docs/cache_format.md)"),
+    codec_param: list[str] = typer.Option([], "--codec-param", help="Codec parameter KEY=VALUE (repeatable), "
+                                          "e.g. block=32 for int4b/nf4b"),
+    storage_option: list[str] = typer.Option([], "--storage-option", help="fsspec option key=value"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
+) -> None:
+    """Decode the cache SRC and write it anew at DST with another codec (resumable); ids, texts, metadata and
+    statistics are kept. Verifies DST: exit 0 when sound, 1 with problems."""
+    from hff_cache.cache import CacheFormatError, CacheMismatchError, CacheWriteError, transcode_cache
+
+    bar = _TranscodeBar() if progress else None
+    try:
+        params = {k: parse_option_value(v) for k, v in (_key_value(t, "--codec-param") for t in codec_param)}
+        summary = transcode_cache(src, dst, codec, codec_params=params, progress=bar,
+                                  storage_options=_storage_options(storage_option))
+    except (CacheFormatError, CacheMismatchError, CacheWriteError, OSError, ValueError) as exc:
+        _fail(str(exc))
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        _print_transcode(summary)
+    if not summary["ok"]:
+        raise typer.Exit(1)
+
+
+class _TranscodeBar:
+    """The progress callback of transcode_cache as a tqdm bar, made on the first call (it brings the total)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="utt", desc="transcode", dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _print_transcode(s: dict[str, Any]) -> None:
+    bpv = " -> ".join("-" if v is None else f"{v:.3f}" for v in (s["src_bytes_per_value"], s["dst_bytes_per_value"]))
+    err = "no utterances to compare" if s["rel_error"] is None else \
+        f"relative error {s['rel_error']:.3g} (limit {s['rel_tolerance']:g})"
+    typer.echo(f"{s['dst']}: {s['utterances']} utterances {s['src_codec']['name']} -> {s['codec']['name']} "
+               f"({s['transcoded']} transcoded now, {s['already_done']} already done) in {s['seconds']:.1f} s; "
+               f"{_size(s['src_bytes'])} -> {_size(s['dst_bytes'])}, {bpv} bytes/value; {err}; "
+               f"statistics {s['stats']}; " + ("OK" if s["ok"] else f"{len(s['problems'])} PROBLEM(S)"))
+    for w in s["warnings"]:
+        typer.echo(f"  warning: {w}", err=True)
+    for p in s["problems"]:
+        typer.echo(f"  {p}")
