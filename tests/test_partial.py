@@ -73,6 +73,14 @@ def test_top_layers_from_the_cache_match_the_full_encoder(caches, family):
                     ref = full[j][i, :n]
                     rel = float((state[0] - ref).norm() / ref.norm())
                     assert rel < 5e-3, (family, k, j, rel)  # fp16 storage of h_K, carried up the layers
+    # training frees what it never runs; the top still computes the same, the full forward is refused
+    encoder.release_below(2)
+    assert encoder.released_params > 0
+    with torch.no_grad():
+        again = encoder.forward_from(full[2], batch.frame_lengths, 2, [3])[0]
+    torch.testing.assert_close(again, full[3])
+    with pytest.raises(RuntimeError, match="released"):
+        encoder(batch)
 
 
 @pytest.mark.parametrize("family", ["whisper", "wav2vec2"])

@@ -72,6 +72,9 @@ class SpeechEncoder(nn.Module):
 
     def forward(self, batch: EncoderBatch, layers: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Return the requested hidden states (all when `layers` is None), each (B, T, D)."""
+        if self.released_below is not None:
+            raise RuntimeError(f"{self.info.name}: the weights below layer {self.released_below} were released "
+                               "(partial caching); load the encoder again to run it on audio")
         wanted = list(range(self.num_hidden_states)) if layers is None else list(layers)
         bad = [k for k in wanted if not 0 <= k < self.num_hidden_states]
         if bad:
@@ -109,6 +112,22 @@ class SpeechEncoder(nn.Module):
                       upto: int) -> list[torch.Tensor]:
         """Hidden states h_start+1..h_upto from h_start."""
         raise NotImplementedError
+
+    def release_below(self, k: int) -> None:
+        """Free the weights partial caching never runs from h_k: the front end and transformer layers 1..k.
+        ``forward`` is refused afterwards; ``forward_from(j)`` for j >= k still works."""
+        before = sum(p.numel() for p in self.encoder_parameters())
+        for i in range(k):
+            self.layers[i] = nn.Identity()
+        self._release_front_end()
+        self.released_below = k
+        self.released_params = before - sum(p.numel() for p in self.encoder_parameters())
+
+    released_below: int | None = None
+    released_params: int = 0  # still counted as the encoder's (parameter counts describe the model, not RAM)
+
+    def _release_front_end(self) -> None:
+        """Drop the modules before the first transformer layer (subclasses; default: keep them)."""
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The encoder's own weights (not the layer transforms)."""

@@ -180,7 +180,7 @@ class HFSpeechEncoder(SpeechEncoder):
 
     def _forward_from(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, start: int,
                       upto: int) -> list[torch.Tensor]:
-        hidden = hidden.to(next(self.parameters()).dtype)
+        hidden = hidden.to(self.model.encoder.layer_norm.weight.dtype)
         attn = key_padding_bias(frame_lengths, hidden.shape[1], hidden.dtype)
         n_layers = len(self.layers)
         states = []
@@ -191,6 +191,12 @@ class HFSpeechEncoder(SpeechEncoder):
         if upto == n_layers and getattr(self.config, "do_stable_layer_norm", False):
             states[-1] = self.model.encoder.layer_norm(hidden)  # the encoder's output, as h_L is stored
         return states
+
+    def _release_front_end(self) -> None:
+        for name in ("feature_extractor", "feature_projection"):
+            if hasattr(self.model, name):
+                setattr(self.model, name, nn.Identity())
+        self.model.encoder.pos_conv_embed = nn.Identity()
 
     def frozen_feature_encoder_parameters(self) -> list[nn.Parameter]:
         fe = getattr(self.model, "feature_extractor", None)

@@ -68,6 +68,9 @@ class WhisperSpeechEncoder(SpeechEncoder):
         return "" if self.input_window == "real" else "its layers attended the whole 30 s window, the cache " \
             "holds the real frames only; extract at --whisper-window real"
 
+    def _release_front_end(self) -> None:
+        self.encoder.conv1 = self.encoder.conv2 = nn.Identity()
+
     def set_window(self, window: str) -> None:
         """``real`` (default) or ``30s``: see the module docstring."""
         if window not in WINDOWS:
@@ -122,7 +125,7 @@ class WhisperSpeechEncoder(SpeechEncoder):
 
     def _forward_from(self, hidden: torch.Tensor, frame_lengths: torch.Tensor, start: int,
                       upto: int) -> list[torch.Tensor]:
-        return self._run_layers(hidden.to(self.encoder.conv1.weight.dtype), frame_lengths, start, upto)
+        return self._run_layers(hidden.to(self.encoder.layer_norm.weight.dtype), frame_lengths, start, upto)
 
     def _run_layers(self, hidden: torch.Tensor, attended: torch.Tensor, start: int,
                     upto: int) -> list[torch.Tensor]:

@@ -170,7 +170,7 @@ def encoder_parameter_counts(encoder: SpeechEncoder | None) -> dict[str, int]:
         return {"encoder_params": 0, "adapter_params": 0, "trainable_encoder_params": 0}
     own = encoder.encoder_parameters()
     adapters = list(encoder.layer_transforms.parameters()) if encoder.layer_transforms is not None else []
-    return {"encoder_params": sum(p.numel() for p in own),
+    return {"encoder_params": sum(p.numel() for p in own) + encoder.released_params,
             "adapter_params": sum(p.numel() for p in adapters),
             "trainable_encoder_params": sum(p.numel() for p in encoder.parameters() if p.requires_grad)}
 

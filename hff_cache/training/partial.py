@@ -6,8 +6,9 @@ state instead of recomputed. The batches are the cached path's (``CacheBatches``
 K+1..L only), and ``HFFModel`` runs the top layers on the cached h_K. The loop, checkpoints, resume and DDP are
 the one loop's; ``transcribe`` runs the whole encoder (no adapter below K, so the same features).
 
-K = L trains no encoder weight (the cached ``hierarchical`` model with the encoder loaded); K = 0 puts adapters
-in every layer and skips only the front end (CNN or convolutions).
+K = L trains no encoder weight (the cached ``hierarchical`` model, with the top of the encoder loaded); K = 0
+puts adapters in every layer and skips only the front end (CNN or convolutions). Training frees the weights
+below K (``SpeechEncoder.release_below``); evaluation and transcription load the whole encoder.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def prepare_partial(cfg: TrainConfig, log: Callable[[str], None] = _log) -> tupl
         if reader is not None:
             check_partial_cache(reader, encoder, spec.cached_layers, what)
     src = cache_sources(cfg, task, spec.cached_layers, readers, labels)
+    encoder.release_below(cfg.from_layer)  # the front end and layers 1..K never run here: free their weights
     counts = encoder_parameter_counts(encoder)
     record = EncoderRecord(name=cfg.model, info=encoder.info.to_dict(), method=cfg.method, bottleneck=cfg.bottleneck,
                            grad_checkpointing=cfg.grad_checkpointing, eval_mode=True, counts=counts)
