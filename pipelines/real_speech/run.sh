@@ -30,11 +30,13 @@
 #      Every method on all 3.4 hours does not fit this 2-core machine (docs/results.md); --online-data full
 #      runs them on all of it where it does.
 #   8  Whisper at its 30 s window: extract again with --whisper-window 30s, train last and hierarchical.
-#   9  summary tables and figures (hff-cache summary) into $exp/report/.
+#   9  partial caching on the 1-hour subset (--online-encoders): hff-adapters --from-layer K for K = L/2 and 0,
+#      read from the same cache; K = L is stage 7's cached hierarchical row, adapters everywhere its online row.
+#  10  summary tables and figures (hff-cache summary) into $exp/report/.
 set -euo pipefail
 
 stage=0
-stop_stage=9
+stop_stage=10
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 shared="${SHARED:-$repo/../shared/data}"
@@ -45,6 +47,8 @@ epochs=20
 probe_epochs=8
 online_encoders="tiny.en base"  # stage 7: the paper's table per encoder
 online_data=1h                  # stage 7 trains on: 1h (an evenly spaced hour of train) | full
+all_methods="hff-adapters full hff-frozen adapters bitfit"  # the paper's headline pair first
+online_methods="$all_methods"
 subset_utts=720                 # about 1 hour of the training data
 threads=0          # torch threads for training and extraction (0: torch's default)
 extra=()           # after --: passed to every `hff-cache train`
@@ -61,8 +65,9 @@ while [ $# -gt 0 ]; do
     --threads) threads="$2"; shift 2 ;;
     --online-encoders) online_encoders="$2"; shift 2 ;;
     --online-data) online_data="$2"; shift 2 ;;
+    --online-methods) online_methods="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -195,11 +200,10 @@ for enc in $online_encoders; do
       train "$enc/${tag}asr_$fusion-s0" --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" --fusion "$fusion" \
         --labels "$data" --valid-labels "$m/valid.jsonl" --seed 0
     done
-    # the paper's headline pair first: does hff-adapters reach full fine-tuning, and at what fraction of its time
-    for method in hff-adapters full hff-frozen adapters bitfit; do
+    for method in $online_methods; do
       online "$enc" "${tag}online_$method-s0" "$data" --method "$method" --seed 0
     done
-    done_stage 7 "$enc"
+    [ "$online_methods" = "$all_methods" ] && done_stage 7 "$enc"
   fi
 done
 
@@ -218,7 +222,22 @@ for enc in $encoders; do
   fi
 done
 
-if run_stage 9 "summary tables and figures"; then
+
+num_layers() { case "$1" in tiny.en) echo 4 ;; base) echo 6 ;; *) echo "unknown encoder $1" >&2; exit 2 ;; esac; }
+
+for enc in $online_encoders; do
+  if run_stage 9 "partial caching on $enc: hff-adapters from layer K, the 1-hour subset" "$enc"; then
+    c="$exp/caches/$enc" top="$(num_layers "$enc")"
+    for k in $((top / 2)) 0; do
+      train "$enc/subset_partial_k$k-s0" --online --model "faster-whisper:$enc" --from-layer "$k" \
+        --method hff-adapters --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" --labels "$m/train_1h.jsonl" \
+        --valid-labels "$m/valid.jsonl" --seed 0
+    done
+    done_stage 9 "$enc"
+  fi
+done
+
+if run_stage 10 "summary tables and figures"; then
   mkdir -p "$exp/report"
   for enc in $encoders; do
     [ -d "$exp/$enc" ] || continue
