@@ -53,3 +53,11 @@ lint:
 docs:  ## regenerate the CLI reference from the code
 	$(BIN)/typer hff_cache.cli utils docs --name hff-cache --title "hff-cache command reference (generated)" \
 	  --output docs/cli_reference.md
+
+# The lent GPU machine has torch, transformers and typer but reaches no package index: carry the rest as
+# wheels for its Python (3.12, x86-64). `bash benchmarks/gpu.sh` installs them from .gpu_wheels/.
+GPU_WHEELS = zarr numcodecs donfig google-crc32c jiwer rapidfuzz soundfile soxr
+gpu-wheels:  ## wheels benchmarks/gpu.sh needs on the GPU machine (carry .gpu_wheels)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .gpu_wheels $(GPU_WHEELS)

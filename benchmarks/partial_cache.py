@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training_cost import PeakRSS, wav2vec2_large_random  # noqa: E402
+from training_cost import PeakRSS  # noqa: E402
 
 from hff_cache.runtime.threads import LoadWatch, warn_if_loaded  # noqa: E402
 
@@ -36,8 +36,6 @@ SHAPES = ("faster-whisper:base", "random:wav2vec2-large")
 
 
 def load_shape(name: str) -> Any:
-    if name == "random:wav2vec2-large":
-        return wav2vec2_large_random()
     from hff_cache.encoders import load_encoder
 
     return load_encoder(name)

@@ -39,22 +39,6 @@ METHODS = ("cached-hierarchical", "hff-frozen", "hff-adapters", "adapters", "bit
 ENCODERS = ("faster-whisper:base", "random:wav2vec2-large")
 
 
-def wav2vec2_large_random() -> Any:
-    """wav2vec2-large (LV-60 layout) dimensions with random weights: the cost, not the accuracy."""
-    import transformers as tf
-
-    from hff_cache.encoders.hf import HFSpeechEncoder
-
-    cfg = tf.Wav2Vec2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                            intermediate_size=4096, do_stable_layer_norm=True, feat_extract_norm="layer",
-                            conv_bias=True, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                            feat_proj_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0)
-    enc = HFSpeechEncoder(tf.Wav2Vec2Model(cfg), "random:wav2vec2-large")
-    for p in enc.parameters():
-        p.requires_grad_(False)
-    return enc.eval()
-
-
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -82,7 +66,6 @@ def child(encoder_name: str, method: str, data: str, steps: int, batch_seconds: 
           work: str) -> dict:
     import torch
 
-    import hff_cache.encoders as encoders
     from hff_cache.config import TrainConfig
     from hff_cache.training.online import prepare_online
 
@@ -90,8 +73,6 @@ def child(encoder_name: str, method: str, data: str, steps: int, batch_seconds: 
     cache = Path(work) / encoder_name.replace(":", "_") / "cache.zarr"
     if method == "cached-hierarchical":  # a process without the encoder, as a user's training run
         return cached_child(encoder_name, cache, batch_seconds)
-    if encoder_name == "random:wav2vec2-large":
-        encoders.load_encoder = lambda name, device="cpu": wav2vec2_large_random()  # prepare_online looks it up
     extracting = method == "cached-extract"
     cfg = TrainConfig(online=True, model=encoder_name, data=data, method="hff-frozen" if extracting else method,
                       batch_seconds=batch_seconds, max_train_utts=utts, num_workers=1, prefetch=1)

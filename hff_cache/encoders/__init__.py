@@ -5,7 +5,8 @@ Names:
 - a folder holding a CTranslate2 `model.bin` (any faster-whisper model);
 - a transformers checkpoint folder, or a hub id already in the local Hugging Face cache
   (wav2vec2, HuBERT, WavLM, data2vec-audio, Wav2Vec2-Conformer, w2v-BERT 2.0, Whisper);
-- `tiny-random:<family>`: a tiny random-weight model built in code, for tests and smoke runs.
+- `tiny-random:<family>`: a tiny random-weight model built in code, for tests and smoke runs;
+- `random:whisper-base`, `random:wav2vec2-large`: real shapes with random weights, for cost benchmarks.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def _tiny(family: str) -> SpeechEncoder:
     return tiny_encoder(family)
 
 
+def _random_shape(shape: str) -> SpeechEncoder:
+    from hff_cache.encoders.tiny import random_shape
+
+    return random_shape(shape)
+
+
 def _faster_whisper(size: str) -> SpeechEncoder:
     from hff_cache.encoders.ctranslate2 import resolve_faster_whisper
 
@@ -68,6 +75,7 @@ def _path_or_hub_id(name: str) -> SpeechEncoder:
 # model folder or a hub id. A new encoder family is one module in encoders/ plus one line here.
 LOADERS: dict[str, Callable[[str], SpeechEncoder]] = {
     "tiny-random:": _tiny,
+    "random:": _random_shape,
     "faster-whisper:": _faster_whisper,
 }
 

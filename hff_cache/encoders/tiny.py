@@ -1,6 +1,6 @@
-"""Tiny random-weight encoders of every supported family, built in code (``tiny-random:<family>``).
-
-Tests and smoke runs use them; no weights are downloaded."""
+"""Random-weight encoders built in code, no weights downloaded: tiny ones of every supported family
+(``tiny-random:<family>``, for tests and smoke runs) and real shapes (``random:<shape>``, for cost benchmarks:
+speed and memory do not depend on the weights)."""
 
 from __future__ import annotations
 
@@ -61,3 +61,37 @@ def tiny_encoder(family: str = "wav2vec2", seed: int = 0) -> SpeechEncoder:
     config_cls, model_cls, extra = builders[family]
     cfg = config_cls(**{**_TRANSFORMER, **_CNN, **extra})
     return HFSpeechEncoder(model_cls(cfg), name)
+
+
+def _whisper_base() -> SpeechEncoder:
+    import transformers as tf
+
+    from hff_cache.encoders.whisper import WhisperSpeechEncoder
+
+    cfg = tf.WhisperConfig(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048,
+                           num_mel_bins=80, max_source_positions=1500, dropout=0.0)
+    return WhisperSpeechEncoder(tf.models.whisper.modeling_whisper.WhisperEncoder(cfg), "random:whisper-base")
+
+
+def _wav2vec2_large() -> SpeechEncoder:
+    import transformers as tf
+
+    from hff_cache.encoders.hf import HFSpeechEncoder
+
+    # the LV-60 layout: stable layer norm, layer-normalised CNN
+    cfg = tf.Wav2Vec2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                            do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True, hidden_dropout=0.0,
+                            attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0,
+                            mask_time_prob=0.0)
+    return HFSpeechEncoder(tf.Wav2Vec2Model(cfg), "random:wav2vec2-large")
+
+
+SHAPES = {"whisper-base": _whisper_base, "wav2vec2-large": _wav2vec2_large}
+
+
+def random_shape(shape: str, seed: int = 0) -> SpeechEncoder:
+    """A real encoder's dimensions with random weights (``random:whisper-base``, ``random:wav2vec2-large``)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown random shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    torch.manual_seed(seed)
+    return SHAPES[shape]()

@@ -1,0 +1,168 @@
+"""The GPU check: one short script for a lent H100/H200 (8 minutes or less), and a CPU dry run for CI.
+
+It measures, through the package's own code paths:
+1. extraction throughput (``hff_cache.extraction.extract``, bf16 autocast on CUDA) for Whisper base and the
+   wav2vec2-large shape (random weights): seconds of audio per wall second, into a real cache;
+2. a cached epoch against online steps: ``hierarchical`` from that cache (in RAM) and ``hff-adapters`` with the
+   encoder in the loop, the same utterances, training steps timed after a warm-up: utterances per second;
+3. on-device decoding of the stored codes (``hff_cache.batches.device_decode``, where present): values per second.
+
+    bash benchmarks/gpu.sh            # on the GPU machine: writes $OUT/gpu.md and $OUT/gpu.jsonl
+    bash benchmarks/gpu.sh --dry-run  # CPU, tiny random models, seconds: what CI runs
+
+Every measurement is printed as one JSON line as soon as it is taken, so a run cut short keeps what it got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hff_cache.config import ExtractConfig, TrainConfig
+from hff_cache.extraction.extract import extract
+from hff_cache.model.fusion import FusionConfig
+from hff_cache.testing import write_corpus
+
+# random weights of the real shapes: the lent machine reaches no model hub, and cost does not depend on weights
+FULL = {"encoders": ["random:whisper-base", "random:wav2vec2-large"], "utts": 120, "seconds": 12.0, "steps": 10}
+DRY = {"encoders": ["tiny-random:whisper", "tiny-random:wav2vec2"], "utts": 6, "seconds": 1.0, "steps": 2}
+
+
+def emit(out: Path, row: dict[str, Any]) -> dict[str, Any]:
+    line = json.dumps(row)
+    print(line, flush=True)
+    with (out / "gpu.jsonl").open("a") as f:
+        f.write(line + "\n")
+    return row
+
+
+def encoder_for(name: str) -> Any:
+    from hff_cache.encoders import load_encoder
+
+    return load_encoder(name)
+
+
+def measure_extraction(name: str, manifest: Path, work: Path, device: str, audio_s: float) -> tuple[dict, Path]:
+    cache = work / f"{name.replace(':', '_')}.zarr"
+    encoder = encoder_for(name)
+    cfg = ExtractConfig(model=name, data=str(manifest), out=str(cache), device=device, progress=False,
+                        precision="bf16" if device == "cuda" else "fp32", batch_seconds=120.0)
+    _sync(device)
+    t0 = time.perf_counter()
+    extract(cfg, encoder=encoder)
+    _sync(device)
+    wall = time.perf_counter() - t0
+    row = {"check": "extract", "encoder": name, "precision": cfg.precision, "audio_s": audio_s, "wall_s": wall,
+           "x_real_time": audio_s / wall}
+    return row, cache
+
+
+def time_steps(setup: Any, device: str, steps: int) -> float:
+    """Seconds per utterance over ``steps`` training steps after one warm-up (forward, loss, backward, AdamW)."""
+    model = setup.model.to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batches = []
+    for b in setup.train.epoch(0):
+        batches.append(b)
+        if len(batches) > steps:
+            break
+    utts, elapsed = 0, 0.0
+    for i in range(steps + 1):  # a small corpus repeats its batches
+        b = batches[i % len(batches)].to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = model.loss(model(b), b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        if i:  # the first is the warm-up (allocator, kernels, optimizer state)
+            elapsed += time.perf_counter() - t0
+            utts += len(b)
+    return elapsed / max(utts, 1)
+
+
+def measure_training(name: str, cache: Path, manifest: Path, device: str, steps: int) -> dict:
+    from hff_cache.training.cached import prepare
+    from hff_cache.training.online import prepare_online
+
+    quiet = lambda _m: None  # noqa: E731
+    cached = prepare(TrainConfig(cache=str(cache), out=str(cache.parent / "run"), device=device, in_memory="true",
+                                 fusion=FusionConfig(kind="hierarchical"), batch_frames=12_000), log=quiet)
+    cached_s = time_steps(cached, device, steps)
+    online, _ = prepare_online(TrainConfig(online=True, model=name, data=str(manifest), method="hff-adapters",
+                                           device=device, batch_seconds=240.0), log=quiet)
+    online_s = time_steps(online, device, steps)
+    return {"check": "train", "encoder": name, "cached_s_per_utt": cached_s, "online_s_per_utt": online_s,
+            "online_over_cached": online_s / cached_s}
+
+
+def measure_device_decode(cache: Path, device: str) -> list[dict]:
+    try:
+        from hff_cache.batches import device_decode
+    except ImportError:
+        return [{"check": "device_decode", "skipped": "hff_cache.batches.device_decode is not in this version"}]
+    bench = getattr(device_decode, "benchmark", None)
+    if bench is None:
+        return [{"check": "device_decode", "skipped": "device_decode has no benchmark()"}]
+    return [{"check": "device_decode", **row} for row in bench(str(cache), device)]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def render(rows: list[dict], device: str) -> str:
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (dry run)"
+    lines = [f"## GPU check: `bash benchmarks/gpu.sh` on {name}", "", "| check | encoder | result |", "|---|---|---|"]
+    for r in rows:
+        if r["check"] == "extract":
+            lines.append(f"| extraction ({r['precision']}) | {r['encoder']} | {r['x_real_time']:.0f}x real time "
+                         f"({r['audio_s']:.0f} s of audio in {r['wall_s']:.1f} s) |")
+        elif r["check"] == "train":
+            lines.append(f"| training step | {r['encoder']} | cached hierarchical {1 / r['cached_s_per_utt']:.0f} "
+                         f"utt/s, online hff-adapters {1 / r['online_s_per_utt']:.1f} utt/s: "
+                         f"{r['online_over_cached']:.1f}x |")
+        elif "skipped" in r:
+            lines.append(f"| {r['check']} | | not measured: {r['skipped']} |")
+        else:
+            lines.append(f"| {r['check']} | {r.get('codec', '')} | {r.get('values_per_s', 0):.3g} values/s |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny random models (CI)")
+    p.add_argument("--out", default=".", help="folder for gpu.jsonl and gpu.md")
+    a = p.parse_args()
+    plan = DRY if a.dry_run else FULL
+    device = "cpu" if a.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device visible: run with --dry-run on a CPU machine")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu.jsonl").unlink(missing_ok=True)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        durations = [plan["seconds"]] * plan["utts"]
+        manifest = write_corpus(work / "audio", durations, ["A B"] * plan["utts"])
+        for name in plan["encoders"]:
+            row, cache = measure_extraction(name, manifest, work, device, sum(durations))
+            rows.append(emit(out, row))
+            rows.append(emit(out, measure_training(name, cache, manifest, device, plan["steps"])))
+        rows += [emit(out, r) for r in measure_device_decode(cache, device)]
+    (out / "gpu.md").write_text(render(rows, device))
+    print(render(rows, device))
+
+
+if __name__ == "__main__":
+    main()
