@@ -2,10 +2,11 @@
 the known utterance boundaries (issue 13: "within 0.2 s of the per-utterance boundaries").
 
 The first N utterances of a manifest (default: enough for ``--minutes``) are joined into one 16 kHz WAV with a
-seeded 0.3-0.8 s of silence between them. Every utterance keeps its whole file, so its own leading and
-trailing silence (up to half a second in LibriSpeech) stays in the recording; the boundary an utterance is
-held to is therefore where its speech starts and ends inside its file: the first and last 10 ms frame
-(smoothed over 30 ms) within ``--speech-db`` (30 dB) of the file's loud frames (99th percentile).
+seeded 0.3-0.8 s of pauses between them (noise at the previous file's own background level). Every utterance keeps
+its whole file, so its own leading and trailing silence (up to half a second in LibriSpeech) stays in the
+recording; the boundary an utterance is held to is therefore where its speech starts and ends inside its file: the
+first and last 10 ms frame (smoothed over 30 ms) within ``--speech-db`` (30 dB) of the file's loud frames (99th
+percentile).
 
 The recording is transcribed by ``Transcriber.load(run).transcribe_files([wav])`` -- windows cut at quiet
 points, stitched log-probs, word times from ctc-segmentation -- once greedy and once with the run's tuned
@@ -98,16 +99,25 @@ def speech_span(wave: np.ndarray, rate: int, below_peak_db: float) -> tuple[int,
     return int(loud[0]) * hop, min(len(wave), (int(loud[-1]) + 1) * hop)
 
 
+def noise_floor(wave: np.ndarray) -> float:
+    """RMS of the quietest tenth of a file's 10 ms frames: its background level."""
+    hop = RATE // 100
+    frames = wave[: len(wave) // hop * hop].reshape(-1, hop).astype(np.float64)
+    rms = np.sqrt(np.mean(frames**2, axis=1))
+    return float(np.sqrt(np.mean(np.sort(rms)[: max(1, len(rms) // 10)] ** 2)))
+
+
 def build_recording(utts: Sequence[Utterance], gaps: tuple[float, float], seed: int,
                     below_peak_db: float) -> tuple[np.ndarray, list[Segment]]:
-    """The utterances joined with seeded silences between them, and where each one lies."""
+    """The utterances joined with seeded pauses (the files' own background noise) between them, and where each
+    one lies."""
     rng = np.random.default_rng(seed)
     parts: list[np.ndarray] = []
     segments: list[Segment] = []
     pos = 0
     for k, utt in enumerate(utts):
-        if k:
-            gap = np.zeros(round(rng.uniform(*gaps) * RATE), dtype=np.float32)
+        if k:  # room tone, not digital silence: noise at the previous file's own floor
+            gap = rng.normal(0.0, noise_floor(parts[-1]), round(rng.uniform(*gaps) * RATE)).astype(np.float32)
             parts.append(gap)
             pos += len(gap)
         wave = utt.load_wave(RATE)
@@ -242,7 +252,8 @@ def render(rows: Sequence[Measurement], info: dict[str, Any], cmd: str, machine:
         f"`{cmd}`", "",
         f"{time.strftime('%Y-%m-%d')}. Run `{info['run']}` (decoders: greedy, and the run's tuned "
         f"`{info['tuned']}`). The first {info['utterances']} utterances of `{info['manifest']}` joined into one "
-        f"{info['seconds'] / 60:.1f}-minute recording with {info['gaps'][0]:g}-{info['gaps'][1]:g} s of silence "
+        f"{info['seconds'] / 60:.1f}-minute recording with {info['gaps'][0]:g}-{info['gaps'][1]:g} s of pauses "
+        "(room tone at each file's background level) "
         f"between them (seed {info['seed']}); each keeps its whole file, whose own leading / trailing silence "
         f"averages {info['lead']:.2f} / {info['trail']:.2f} s. Boundaries: where each utterance's speech starts "
         f"and ends (10 ms frames within {info['speech_db']:g} dB of its loud frames). Start error: first "

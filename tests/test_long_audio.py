@@ -22,7 +22,17 @@ import torch
 from typer.testing import CliRunner
 
 from hff_cache.cli import app
-from hff_cache.evaluation.long_audio import Transcript, Window, Word, align_words, plan_windows, stitch
+from hff_cache.evaluation.long_audio import (
+    SNAP_SECONDS,
+    Transcript,
+    Window,
+    Word,
+    align_words,
+    plan_windows,
+    snap_to_speech,
+    speech_frames,
+    stitch,
+)
 from hff_cache.evaluation.subtitles import group_cues, to_srt, to_vtt
 from hff_cache.evaluation.transcribe import Transcriber, transcribe
 from hff_cache.tasks.tokenizers import CharTokenizer
@@ -410,3 +420,20 @@ def test_import_hff_cache_stays_light() -> None:
 
     code = "import sys, hff_cache; assert 'torch' not in sys.modules and 'hff_cache.evaluation' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_word_edges_snap_out_to_the_speech_around_them() -> None:
+    """CTC spikes sit inside spoken words; edges move to the speech's own edges, never into the next word,
+    never across silence, and at most SNAP_SECONDS."""
+    wave, truth = recording(["AB", "C", "ABCABCABC"], gap=0.5)
+    speech = speech_frames(wave, 320)  # 50 Hz frames
+    words = [Word(t, s + 0.1, e - 0.2, 1.0) for t, s, e in truth]  # as a peaky CTC head places them
+    words[2].start, words[2].end = truth[2][1] + 0.6, truth[2][2] - 0.6  # edges far inside: moved SNAP_SECONDS
+    snapped = snap_to_speech([Word(w.text, w.start, w.end, w.score) for w in words], speech, 50.0)
+    for w, (_, start, end) in zip(snapped[:2], truth[:2], strict=True):
+        assert abs(w.start - start) <= 0.04 and abs(w.end - end) <= 0.04, (w, start, end)
+    assert snapped[2].start == pytest.approx(words[2].start - SNAP_SECONDS, abs=0.021)
+    assert snapped[2].end == pytest.approx(words[2].end + SNAP_SECONDS, abs=0.021)
+    touching = snap_to_speech([Word("A", 1.0, 1.1, 1.0), Word("B", 1.2, 1.3, 1.0)], np.ones(200, bool), 50.0)
+    assert touching[0].end == pytest.approx(1.2) and touching[1].start == pytest.approx(1.2)  # no overlap
+    assert touching[0].start == pytest.approx(1.0 - SNAP_SECONDS)

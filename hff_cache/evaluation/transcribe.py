@@ -39,6 +39,8 @@ from hff_cache.evaluation.long_audio import (
     frame_hop,
     plan_windows,
     require_aligner,
+    snap_to_speech,
+    speech_frames,
     stitch,
 )
 from hff_cache.intake.manifests import Utterance, load_intake
@@ -171,7 +173,7 @@ class Transcriber:
                     found[p] = Transcript(utts[p].id, self.tokenizer.decode(pred), [], seconds)
                     continue
                 lp = out[j, : int(batch.lengths[j])].float().cpu().numpy() if words else None
-                found[p] = self._transcript(utts[p].id, pred, lp, seconds)
+                found[p] = self._transcript(utts[p].id, pred, lp, batch.waves[j])
         return [found[p] for p in range(len(utts))]
 
     @torch.no_grad()
@@ -201,11 +203,14 @@ class Transcriber:
         wave = utt.load_wave(rate, MAX_RECORDING_SECONDS)
         lp = self._stitched(wave)
         ids = self.decode(torch.from_numpy(lp)[None], torch.tensor([len(lp)]))  # on the CPU, where it was stitched
-        return self._transcript(utt.id, ids[0], lp if words else None, len(wave) / rate)
+        return self._transcript(utt.id, ids[0], lp if words else None, wave)
 
-    def _transcript(self, uid: str, ids: Sequence[int], log_probs: np.ndarray | None, seconds: float) -> Transcript:
+    def _transcript(self, uid: str, ids: Sequence[int], log_probs: np.ndarray | None, wave: np.ndarray) -> Transcript:
         ids = [int(i) for i in ids]
+        seconds = len(wave) / int(self.encoder.info.sample_rate)
         timed = [] if log_probs is None else align_words(log_probs, ids, self.tokenizer, self.frame_rate)
+        if timed:
+            timed = snap_to_speech(timed, speech_frames(wave, frame_hop(self.encoder)), self.frame_rate)
         for w in timed:  # the last frame can reach a few ms past the audio (frames are whole hops)
             w.end = min(w.end, seconds)
             w.start = min(w.start, w.end)
