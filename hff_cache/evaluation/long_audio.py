@@ -50,8 +50,8 @@ ALIGN_PAUSE_SECONDS = 0.5
 _ALIGN_MAX_WINDOW_FRAMES = 6000  # pieces up to 2 min at 50 Hz are aligned whole; longer ones with this window
 _WORD_START = "\u2581"  # sentencepiece's mark on a piece that begins a word
 # Word edges move towards the speech around them (snap_to_speech): frames within SPEECH_RANGE_DB of the
-# recording's loud level (its 95th energy percentile) and louder than halfway from its noise floor (the 5th
-# percentile) to that level count as speech; an edge moves by at most SNAP_SECONDS.
+# recording's loud level (its 95th energy percentile) and more than a quarter of the way (in dB) from its noise
+# floor (the 5th percentile) to that level count as speech; an edge moves by at most SNAP_SECONDS.
 SPEECH_RANGE_DB = 35.0
 SNAP_SECONDS = 0.4
 
@@ -324,7 +324,7 @@ def speech_frames(wave: np.ndarray, hop: int) -> np.ndarray:
     if not len(energy):
         return np.zeros(0, dtype=bool)
     loud, floor = np.percentile(energy, 95), np.percentile(energy, 5)
-    return energy > max(loud - SPEECH_RANGE_DB, (loud + floor) / 2)
+    return energy > max(loud - SPEECH_RANGE_DB, floor + (loud - floor) / 4)
 
 
 def snap_to_speech(words: list[Word], speech: np.ndarray, frame_rate: float) -> list[Word]:
