@@ -189,7 +189,9 @@ done
 
 online() {  # online ENC RUN TRAIN_MANIFEST [options...]
   local enc="$1" run="$2" data="$3"; shift 3
-  train "$enc/$run" --online --model "faster-whisper:$enc" --data "$data" --valid-data "$m/valid.jsonl" "$@"
+  # 200 s of padded audio per batch: the cached runs' 10,000 frames at 50 Hz, so every row takes the same steps
+  train "$enc/$run" --online --model "faster-whisper:$enc" --data "$data" --valid-data "$m/valid.jsonl" \
+    --batch-seconds 200 "$@"
 }
 
 for enc in $online_encoders; do
