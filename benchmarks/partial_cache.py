@@ -9,7 +9,7 @@ front end and every layer in the loop. Memory: the resident-set growth during th
 gradients, optimizer state, from before the first step), the tensors autograd saves for the backward pass
 (counted exactly, weights aside), and the process peak (weights included).
 
-    python benchmarks/partial_cache.py --shapes faster-whisper:base,random:wav2vec2-large --threads 2
+    python benchmarks/partial_cache.py --shapes random:whisper-base,random:wav2vec2-large --threads 2
 
 Writes docs/results/partial_cache.md and docs/img/partial_cache.png. Step times only; the WER side of the
 curve comes from training runs (pipelines/real_speech/run.sh stage 10).
@@ -32,7 +32,7 @@ from training_cost import PeakRSS  # noqa: E402
 from hff_cache.runtime.threads import LoadWatch, warn_if_loaded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = ("faster-whisper:base", "random:wav2vec2-large")
+SHAPES = ("random:whisper-base", "random:wav2vec2-large")
 
 
 def load_shape(name: str) -> Any:
@@ -139,7 +139,8 @@ def main() -> None:
         return finish([r for r in rows if "k" in r], a, machine)
     warn_if_loaded()
     rows: list[dict] = []
-    layers = {"faster-whisper:base": 6, "random:wav2vec2-large": 24, "faster-whisper:tiny.en": 4}
+    layers = {"faster-whisper:base": 6, "random:whisper-base": 6, "random:wav2vec2-large": 24,
+              "faster-whisper:tiny.en": 4}
     with LoadWatch() as watch:
         for shape in a.shapes.split(","):
             for k in ks_for(layers[shape], a.every or layers[shape] + 1):

@@ -148,10 +148,13 @@ def weights_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def key_padding_bias(frame_lengths: torch.Tensor, frames: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask (B, 1, T, T): 0 on real keys, the dtype's minimum on padded ones.
+def key_padding_bias(frame_lengths: torch.Tensor, frames: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive attention mask (B, 1, T, T): 0 on real keys, the dtype's minimum on padded ones; None when no item
+    is padded (SDPA then takes its fused kernels, as transformers does for an unpadded batch).
 
     Eager and SDPA attention both take it, so padded frames never reach real ones."""
+    if bool((frame_lengths >= frames).all()):
+        return None
     keep = length_mask(frame_lengths, frames)
     bias = torch.zeros(keep.shape[0], 1, frames, frames, dtype=dtype, device=frame_lengths.device)
     return bias.masked_fill(~keep[:, None, None, :], torch.finfo(dtype).min)
