@@ -114,11 +114,12 @@ DECODE_OPTIONS = config_options(DecoderConfig, {
     "kind": Flag(decls=("--decode",), default="auto", help="auto (the run's tuned decoder, else greedy) | greedy | "
                  "beam (CTC beam search, flashlight-text; with --lm a word n-gram LM and its lexicon)"),
     "beam_size": Flag(help="Beam width"),
+    "beam_size_token": Flag(help="Tokens tried per frame (default: all of the vocabulary)"),
     "lm": Flag(help="An LM directory from `hff-cache lm build` (or a KenLM .arpa/.bin file)"),
     "lexicon": Flag(help="Word lexicon (default: the LM directory's lexicon.txt)"),
     "lm_weight": Flag(help="LM weight (default: the run's tuned value, else 2)"),
     "word_score": Flag(help="Score added per word (default: the run's tuned value, else 0)"),
-}, only=("kind", "beam_size", "lm", "lexicon", "lm_weight", "word_score"))
+}, only=("kind", "beam_size", "beam_size_token", "lm", "lexicon", "lm_weight", "word_score"))
 
 
 @app.command()
@@ -235,6 +236,8 @@ def tune_decoder(
     lm_weights: str = typer.Option("0.5,1,1.5,2,3", help="Comma-separated LM weights to try"),
     word_scores: str = typer.Option("-1,0,1,2", help="Comma-separated word scores to try"),
     beam_size: int = typer.Option(DecoderConfig.beam_size, help="Beam width"),
+    beam_size_token: int | None = typer.Option(None, help="Tokens tried per frame (default: all; subword "
+                                               "vocabularies decode far faster with e.g. 32)"),
     checkpoint: str = typer.Option("best", help="best | last"),
     device: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="Print the whole grid as JSON"),
@@ -246,7 +249,7 @@ def tune_decoder(
     try:
         result = run_tune(run, cache, lm, [float(w) for w in lm_weights.split(",")],
                           [float(s) for s in word_scores.split(",")], beam_size=beam_size, checkpoint=checkpoint,
-                          device=device, log=lambda m: typer.echo(m, err=True))
+                          device=device, log=lambda m: typer.echo(m, err=True), beam_size_token=beam_size_token)
     except (*_train_errors(), RuntimeError) as exc:
         _fail(str(exc))
     if as_json:

@@ -39,7 +39,7 @@ def _outputs(loaded: Any, cache: str, device: torch.device) -> tuple[list[torch.
 
 def tune_decoder(run: str | Path, cache: str, lm: str, lm_weights: Sequence[float], word_scores: Sequence[float],
                  beam_size: int = 50, checkpoint: str = "best", device: str = "auto",
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, beam_size_token: int | None = None) -> dict[str, Any]:
     """Grid-search ``lm_weights`` x ``word_scores`` for beam search with ``lm`` on ``cache``; store the best."""
     from hff_cache.runtime.distributed import resolve_device
 
@@ -47,7 +47,8 @@ def tune_decoder(run: str | Path, cache: str, lm: str, lm_weights: Sequence[floa
     if loaded.task.name != "asr":
         raise RunError(f"tune-decoder tunes a word LM for ASR runs; {run} is a {loaded.task.name} run")
     outs, lens, ids, refs = _outputs(loaded, cache, resolve_device(device))
-    base = CTCDecoder(DecoderConfig(kind="beam", beam_size=beam_size, lm=lm), loaded.task.tokenizer)
+    base = CTCDecoder(DecoderConfig(kind="beam", beam_size=beam_size, beam_size_token=beam_size_token, lm=lm),
+                      loaded.task.tokenizer)
     greedy = CTCDecoder(DecoderConfig(), loaded.task.tokenizer)
     grid = [{"decoder": "greedy", **_score(greedy, outs, lens, refs)}]
     for weight, score in itertools.product(lm_weights, word_scores):
@@ -55,8 +56,8 @@ def tune_decoder(run: str | Path, cache: str, lm: str, lm_weights: Sequence[floa
         log(f"lm_weight {weight:g} word_score {score:g}: wer {row['wer']:.2f} cer {row['cer']:.2f}")
         grid.append(row)
     best = min(grid[1:], key=lambda r: (r["wer"], r["cer"]))
-    chosen = DecoderConfig(kind="beam", beam_size=beam_size, lm=str(Path(lm).resolve()), lm_weight=best["lm_weight"],
-                           word_score=best["word_score"])
+    chosen = DecoderConfig(kind="beam", beam_size=beam_size, beam_size_token=beam_size_token,
+                           lm=str(Path(lm).resolve()), lm_weight=best["lm_weight"], word_score=best["word_score"])
     loaded.run.write_decoder(chosen.to_dict(), grid)
     return {"run": str(run), "cache": str(cache), "utterances": len(ids), "best": best, "greedy": grid[0],
             "decoder": chosen.to_dict(), "grid": grid}
