@@ -1,5 +1,6 @@
 """Fixtures shared by the tests and by users who want a smoke run without weights:
-tiny random-weight encoders of every supported family, synthetic audio, and a tiny cache.
+tiny random-weight encoders of every supported family, synthetic audio, a tiny cache, and a local S3 server
+(moto) that counts the requests and bytes a cache's readers and writers send it.
 
 `hff-cache extract --model tiny-random:wav2vec2 ...` uses the same builders.
 """
@@ -7,6 +8,11 @@ tiny random-weight encoders of every supported family, synthetic audio, and a ti
 from __future__ import annotations
 
 import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +84,59 @@ def parts_on_disk(out: str | Path) -> tuple[set[str], int]:
         except (OSError, ValueError, KeyError):
             pass
     return names, committed
+
+
+@dataclass
+class S3Server:
+    """A running moto S3 server: its endpoint and what it has served since the last ``reset``."""
+
+    endpoint: str
+    requests: Counter = field(default_factory=Counter)  # by HTTP method
+    bytes_in: int = 0  # request bodies (uploads)
+    bytes_out: int = 0  # response bodies (downloads)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def storage_options(self) -> dict[str, str]:
+        """fsspec options for ``s3://`` caches on this server (``--storage-option`` key=value pairs)."""
+        return {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing"}
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()
+            self.bytes_in = self.bytes_out = 0
+
+    def make_bucket(self, name: str) -> None:
+        import s3fs
+
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint}, key="testing", secret="testing",
+                          skip_instance_cache=True).mkdir(name)
+
+
+@contextmanager
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server on a free local port (the ``s3`` and ``test`` extras), counting requests and bytes."""
+    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    app = DomainDispatcherApplication(create_backend_app)
+    server: S3Server | None = None
+
+    def counted(environ: dict, start_response: object) -> Iterator[bytes]:
+        with server.lock:
+            server.requests[environ["REQUEST_METHOD"]] += 1
+            server.bytes_in += int(environ.get("CONTENT_LENGTH") or 0)
+        for chunk in app(environ, start_response):
+            with server.lock:
+                server.bytes_out += len(chunk)
+            yield chunk
+
+    http = make_server("127.0.0.1", 0, counted, True, request_handler=MotoRequestHandler)
+    server = S3Server(f"http://127.0.0.1:{http.server_port}")
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        http.shutdown()
+        thread.join()

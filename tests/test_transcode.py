@@ -4,8 +4,6 @@ interrupted transcode resumes to the uninterrupted result, a foreign DST and bad
 from __future__ import annotations
 
 import json
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -232,24 +230,6 @@ def test_cli_command(src: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(transcode_module.REL_TOLERANCE, "int8", 1e-9)  # a check that fails: exit 1
     res = CliRunner().invoke(app, ["transcode", src, str(tmp_path / "z"), "--codec", "int8", "--no-progress"])
     assert res.exit_code == 1 and "1 PROBLEM(S)" in res.output and "relative error" in res.output
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    pytest.importorskip("s3fs")
-    server_mod = pytest.importorskip("moto.server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.setenv(k, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 def test_to_and_from_s3(src: str, tmp_path: Path, s3_endpoint: str) -> None:
