@@ -370,3 +370,21 @@ def test_summary_reads_runs_through_the_run_directory(trained: Path, tmp_path: P
     stored = json.loads((trained / "metrics.json").read_text())
     assert rows[0]["run"] == "run" and rows[0]["wer"] == stored["wer"] and rows[0]["fusion"] == "weighted"
     assert [r["task"] for r in rows] == ["asr", "missing", "damaged"]
+
+
+def test_summary_adds_groups_times_and_a_plot(cache: Path, trained: Path, tmp_path: Path) -> None:
+    from hff_cache.evaluation.evaluate import evaluate_run
+    from hff_cache.evaluation.summary import format_table, plot_time_against_error, summarize_runs
+
+    evaluate_run(trained, cache=str(cache), group_by="speaker")
+    row = summarize_runs([trained], evaluation="cache")[0]
+    logged = sum(float(r["seconds"]) for r in RunDir(trained).read_log())
+    assert row["train_seconds"] == pytest.approx(logged) and row["train_seconds"] > 0
+    assert row["decoder"] == "greedy" and row["wer[all]"] == pytest.approx(row["wer"])
+    assert {"wer[spk0]", "wer[spk1]", "cer[spk0]"} <= set(row)
+    table = format_table([row], markdown=True)
+    assert "wer[spk0]" in table and "train_seconds" in table
+    plot_time_against_error([row], tmp_path / "wer_time.png")
+    assert (tmp_path / "wer_time.png").stat().st_size > 0
+    with pytest.raises(RunError, match="no run has both"):
+        plot_time_against_error([{"run": "x"}], tmp_path / "none.png")

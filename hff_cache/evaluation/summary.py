@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -9,18 +10,15 @@ from typing import Any
 from hff_cache.runs.directory import RunDir, RunError
 
 
-def summarize_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """One row per run directory (or probe folder) from its metrics.json / probe.csv, for tables."""
-    import csv
+def summarize_runs(runs: Sequence[str | Path], evaluation: str | None = None) -> list[dict[str, Any]]:
+    """One row per run directory (or probe folder) from its metrics.json / probe.csv, for tables.
 
+    ``evaluation`` names an evaluation folder (``RUN/eval/<name>/metrics.json``, e.g. ``valid``): its metrics per
+    group (``evaluate --group-by``) become columns such as ``wer[librispeech]``."""
     rows: list[dict[str, Any]] = []
     for run in map(Path, runs):
         if (run / "probe.csv").exists():
-            with (run / "probe.csv").open() as f:
-                for r in csv.DictReader(f):
-                    rows.append({"run": f"{run.name}/layer_{int(r['layer']):02d}", "task": "probe",
-                                 "fusion": f"single:{r['layer']}",
-                                 **{k: float(v) for k, v in r.items() if k != "layer" and v != ""}})
+            rows += _probe_rows(run)
             continue
         try:
             m = RunDir(run).read_metrics()
@@ -29,16 +27,84 @@ def summarize_runs(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         if m is None:
             rows.append({"run": run.name, "task": "missing"})
             continue
-        rows.append({"run": run.name, "task": m.get("task"), "fusion": m.get("fusion"),
-                     **{k: m[k] for k in ("wer", "cer", "per", "accuracy", "best_epoch", "trainable_params",
-                                          "epoch_seconds", "step_time_ms") if m.get(k) is not None}})
+        row = {"run": run.name, "task": m.get("task"), "fusion": m.get("fusion"), "method": m.get("method"),
+               **{k: m[k] for k in ("wer", "cer", "per", "accuracy", "best_epoch", "trainable_params",
+                                    "trainable_encoder_params", "epoch_seconds", "step_time_ms", "peak_rss_mb")
+                  if m.get(k) is not None}}
+        row.update(_train_seconds(run))
+        if evaluation:
+            row.update(_group_columns(run, evaluation))
+        rows.append(row)
     return rows
 
 
+def _probe_rows(run: Path) -> list[dict[str, Any]]:
+    import csv
+
+    with (run / "probe.csv").open() as f:
+        return [{"run": f"{run.name}/layer_{int(r['layer']):02d}", "task": "probe", "fusion": f"single:{r['layer']}",
+                 **{k: float(v) for k, v in r.items() if k != "layer" and v != ""}} for r in csv.DictReader(f)]
+
+
+def _train_seconds(run: Path) -> dict[str, float]:
+    """Wall seconds of every epoch in log.csv (validation included), plus the training cache's extraction time
+    where the cache recorded it: what the run cost from audio to model."""
+    rd = RunDir(run)
+    try:
+        seconds = sum(float(r["seconds"]) for r in rd.read_log() if r.get("seconds"))
+    except (OSError, ValueError, KeyError):
+        return {}
+    out = {"train_seconds": seconds}
+    try:
+        train_cache = rd.read_document().caches.get("train")
+    except RunError:
+        return out
+    extract = (train_cache.meta.get("extraction") or {}).get("seconds") if train_cache is not None else None
+    if extract is not None:
+        out["extract_seconds"] = float(extract)
+        out["total_seconds"] = seconds + float(extract)
+    return out
+
+
+_METRICS = ("wer", "cer", "per", "accuracy")
+
+
+def _group_columns(run: Path, evaluation: str) -> dict[str, Any]:
+    path = RunDir(run).eval_dir(evaluation) / "metrics.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    # the evaluation's own decoder (a tuned beam search, say) may differ from training's greedy validation
+    groups = {"all": doc, **(doc.get("groups") or {})}
+    out: dict[str, Any] = {"decoder": (doc.get("decoder") or {}).get("kind", "greedy")}
+    out.update({f"{k}[{group}]": metrics[k] for k in _METRICS for group, metrics in groups.items() if k in metrics})
+    return out
+
+
+def plot_time_against_error(rows: Sequence[dict[str, Any]], path: str | Path, metric: str = "wer") -> None:
+    """One point per run: ``metric`` against its training time (log axis), extraction included where known."""
+    from hff_cache.runs.plots import plt, save_figure
+
+    points = [(r.get("total_seconds", r.get("train_seconds")), r[metric], r["run"]) for r in rows
+              if r.get(metric) is not None and r.get("train_seconds")]
+    if not points:
+        raise RunError(f"no run has both {metric} and a training time to plot")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for seconds, value, name in points:
+        ax.scatter(seconds, value)
+        ax.annotate(name, (seconds, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xscale="log", xlabel="training time, s (extraction included where recorded)", ylabel=metric.upper())
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
 def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    cols = ["run", "task", "fusion", "wer", "cer", "per", "accuracy", "best_epoch", "trainable_params",
-            "epoch_seconds"]
-    cols = [c for c in cols if any(c in r for r in rows)]
+    groups = list(dict.fromkeys(k for r in rows for k in r if "[" in k))  # each metric's groups, in order
+    cols = ["run", "task", "fusion", "method", "wer", "cer", "per", "accuracy", "decoder", *groups, "best_epoch",
+            "trainable_params", "trainable_encoder_params", "epoch_seconds", "step_time_ms", "peak_rss_mb",
+            "train_seconds", "total_seconds"]
+    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
 
     def cell(v: Any) -> str:
         if isinstance(v, float):

@@ -243,6 +243,7 @@ if run_stage 10 "summary tables and figures"; then
   mkdir -p "$exp/report"
   for enc in $encoders; do
     [ -d "$exp/$enc" ] || continue
-    hff-cache summary --markdown "$exp/$enc"/*/ | tee "$exp/report/summary_$enc.md"
+    hff-cache summary --markdown --eval valid --plot "$exp/report/wer_time_$enc.png" "$exp/$enc"/*/ \
+      | tee "$exp/report/summary_$enc.md"
   done
 fi
