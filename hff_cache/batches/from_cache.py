@@ -9,9 +9,13 @@ decoded once per epoch -- never one random utterance per chunk decode. A produce
 next window with ``num_workers`` threads while the model trains on the current one; a bounded queue of
 ``prefetch`` batches limits memory. Windows are decoded to float16 and capped at ``WINDOW_BYTES``.
 
-``in_memory`` loads every labelled frame once into a float16 array (exact for fp16 caches) and then
-only gathers batches from RAM. The plan of an epoch depends only on (seed, epoch), never on thread
-timing, so a resumed run sees the same batches as an uninterrupted one.
+``in_memory`` loads every labelled frame once and then only gathers batches from RAM. It holds the stored
+codes (compressed residency: int8, packed 4-bit, tpca's codes, with their scales) when the codec has a torch
+decoder (``device_decode.DECODERS``): the producer gathers a batch's codes with numpy, the consumer decodes
+them with torch on ``device`` (where the model runs), equal bit for bit to the numpy decoder. fp16 caches,
+codecs without a decoder and ``resident="fp16"`` hold decoded float16 instead (2 bytes a value). The plan of
+an epoch depends only on (seed, epoch), never on thread timing, so a resumed run sees the same batches as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,25 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from hff_cache.batches import device_decode
 from hff_cache.batches.common import collate_targets, memory_available
+from hff_cache.cache.codecs import Codec
 from hff_cache.cache.format import CHUNK_FRAMES
+from hff_cache.cache.reader import StoredCodes
 from hff_cache.config import TrainConfig
 from hff_cache.model.batch import Batch
 from hff_cache.runtime.distributed import balanced_assignment
 from hff_cache.runtime.planning import plan_batches
 
-__all__ = ["CacheBatches"]
-
-
-
-
-
-
-
-
-
-
-
+__all__ = ["CacheBatches", "hours_per_gib", "resident_frame_bytes"]
 
 _DONE = object()
 WINDOW_BYTES = 512 << 20  # decoded features one shuffle window may hold (float16); two are alive at a time
@@ -58,7 +54,8 @@ class CacheBatches:
                  shuffle: bool = True, seed: int = 0, in_memory: bool | str = TrainConfig.in_memory,
                  shuffle_frames: int = TrainConfig.shuffle_frames, block_frames: int = 8192,
                  num_workers: int = TrainConfig.num_workers, prefetch: int = TrainConfig.prefetch, rank: int = 0,
-                 world_size: int = 1, local_world_size: int = 1) -> None:
+                 world_size: int = 1, local_world_size: int = 1, resident: str = "codes",
+                 device: torch.device | str | None = None) -> None:
         self.reader = reader
         self.data = data
         self.ctc = ctc
@@ -86,13 +83,21 @@ class CacheBatches:
             owner = balanced_assignment([int(self.lengths[b].sum()) for b in self.blocks], world_size)
             self.blocks = [b for b, r in zip(self.blocks, owner, strict=True) if r == rank]
         self.nbytes_fp16 = self.num_frames * self.num_layers * self.hidden_size * 2
+        if resident not in ("codes", "fp16"):
+            raise ValueError(f"resident must be 'codes' or 'fp16', not {resident!r}")
+        codec: Codec = reader.codec
+        self.resident = "codes" if resident == "codes" and codec.name in device_decode.DECODERS else "fp16"
+        self.device = torch.device(device if device is not None else "cpu")  # where codes are decoded
+        self.resident_nbytes = self.num_frames * resident_frame_bytes(codec, self.num_layers, self.hidden_size,
+                                                                      self.resident)  # estimate until loaded
         if in_memory == "auto":
             # half of what is free leaves room for the batches, the model and a second (valid) cache;
             # the ranks of one node share that memory
-            in_memory = self.nbytes_fp16 < 0.5 * memory_available() / max(1, local_world_size)
+            in_memory = self.resident_nbytes < 0.5 * memory_available() / max(1, local_world_size)
         self.in_memory = bool(in_memory)
         self._mem: np.ndarray | None = None
         self._mem_offsets: np.ndarray | None = None
+        self._codes: list[_ResidentLayer] | None = None
 
     # -- planning --
 
@@ -154,16 +159,24 @@ class CacheBatches:
     def _read_block(self, block: np.ndarray) -> list[np.ndarray]:
         return self.reader.read_many(self.indices[block].tolist(), self.layers, dtype=np.float16)
 
-    def load(self) -> None:
-        """Decode every labelled frame once into a float16 array (``in_memory``)."""
-        if self._mem is not None:
-            return
-        # positions outside this source's blocks (another rank's share) get empty ranges
+    def _own_offsets(self) -> np.ndarray:
+        """Rows of every position in RAM; positions outside this source's blocks (another rank's share) get
+        empty ranges."""
         own = np.zeros(len(self.indices), dtype=bool)
         for b in self.blocks:
             own[b] = True
         offsets = np.zeros(len(self.indices) + 1, dtype=np.int64)
         np.cumsum(np.where(own, self.lengths, 0), out=offsets[1:])
+        return offsets
+
+    def load(self) -> None:
+        """Read every labelled frame once into RAM (``in_memory``): the stored codes, or decoded float16."""
+        if self._mem is not None or self._codes is not None:
+            return
+        if self.resident == "codes":
+            self._load_codes()
+            return
+        offsets = self._own_offsets()
         mem = np.empty((int(offsets[-1]), self.num_layers, self.hidden_size), dtype=np.float16)
 
         def fill(block: np.ndarray) -> None:
@@ -173,6 +186,37 @@ class CacheBatches:
         with ThreadPoolExecutor(self.num_workers) as pool:
             list(pool.map(fill, self.blocks))
         self._mem, self._mem_offsets = mem, offsets
+        self.resident_nbytes = mem.nbytes
+
+    def _load_codes(self) -> None:
+        """Compressed residency: every block's stored codes (``CacheReader.read_codes``) in one array per
+        layer and per-frame array; each part's side arrays (or worker's fit) once, as a group."""
+        offsets = self._own_offsets()
+        layers = self.layers
+        if not self.blocks:
+            self._codes, self._mem_offsets = [], offsets
+            return
+        first = self.reader.read_codes(self.indices[self.blocks[0]].tolist(), layers)
+        res = [_ResidentLayer.allocate(c, int(offsets[-1]), len(self.indices)) for c in first]
+
+        def fill(block: np.ndarray, codes: list[StoredCodes] | None = None) -> list[StoredCodes]:
+            codes = codes or self.reader.read_codes(self.indices[block].tolist(), layers)
+            lo, hi = int(offsets[block[0]]), int(offsets[block[-1] + 1])  # a block's positions are consecutive
+            for r, c in zip(res, codes, strict=True):
+                for name, arr in c.rows.items():
+                    r.rows[name][lo:hi] = arr
+            return codes
+
+        done = [fill(self.blocks[0], first)]
+        with ThreadPoolExecutor(self.num_workers) as pool:
+            done += list(pool.map(fill, self.blocks[1:]))
+        for block, codes in zip(self.blocks, done, strict=True):  # groups: merged here, in one thread
+            for r, c in zip(res, codes, strict=True):
+                r.add_groups(block, c)
+        for r in res:
+            r.to_device(self.reader.codec, self.device)
+        self._codes, self._mem_offsets = res, offsets
+        self.resident_nbytes = sum(r.nbytes for r in res)
 
     def _collate(self, batch: list[int], feats: dict[int, Any]) -> Batch:
         lens = [int(self.lengths[p]) for p in batch]
@@ -188,8 +232,37 @@ class CacheBatches:
         return Batch(ids=[self.data.ids[p] for p in batch], lengths=torch.tensor(lens, dtype=torch.long),
                      targets=targets, target_lengths=target_lengths, feats=torch.from_numpy(x))
 
+    def _collate_codes(self, batch: list[int]) -> _CodesBatch:
+        """A batch's stored codes gathered from RAM (numpy, in the producer thread); the consumer decodes."""
+        assert self._codes is not None and self._mem_offsets is not None
+        off = self._mem_offsets
+        lens = np.asarray([int(self.lengths[p]) for p in batch], dtype=np.int64)
+        rows = np.concatenate([np.arange(off[p], off[p + 1]) for p in batch]) if batch else np.zeros(0, np.int64)
+        layers = [({n: a[rows] for n, a in r.rows.items()}, r.utt_group[batch]) for r in self._codes]
+        targets, target_lengths = collate_targets([self.data.targets[p] for p in batch], self.ctc)
+        return _CodesBatch([self.data.ids[p] for p in batch], lens, targets, target_lengths, layers)
+
+    def _decode_batch(self, item: _CodesBatch) -> Batch:
+        """Decode a gathered batch with torch on ``device`` (in the consumer's thread, where the model runs:
+        a torch op in the producer thread would start a second OpenMP team beside the training step's)."""
+        assert self._codes is not None
+        codec, dev = self.reader.codec, self.device
+        n, t = len(item.lengths), int(item.lengths.max()) if len(item.lengths) else 0
+        x = torch.zeros((n, t, self.num_layers, self.hidden_size), dtype=torch.float16, device=dev)
+        dest = np.concatenate([i * t + np.arange(m) for i, m in enumerate(item.lengths.tolist())]) if n else []
+        dest_t = torch.as_tensor(np.asarray(dest, dtype=np.int64), device=dev)
+        flat = x.view(n * t, self.num_layers, self.hidden_size)
+        for j, (r, (rows, utt_group)) in enumerate(zip(self._codes, item.layers, strict=True)):
+            codes = device_decode.DeviceCodes({k: torch.from_numpy(v).to(dev) for k, v in rows.items()},
+                                              item.lengths, utt_group, r.groups_t, r.groups)
+            flat[dest_t, j] = device_decode.decode(codec, codes).to(torch.float16)
+        return Batch(ids=item.ids, lengths=torch.from_numpy(item.lengths), targets=item.targets,
+                     target_lengths=item.target_lengths, feats=x)
+
     def _window_feats(self, blocks: list[np.ndarray], pool: ThreadPoolExecutor | None) -> Any:
         """Future-like: .result() -> {position: (T, L, D) float16 array or view}."""
+        if self.in_memory and self._codes is not None:
+            return _Done({})  # compressed residency gathers per batch (_collate_codes)
         if self.in_memory:
             mem, off = self._mem, self._mem_offsets
             assert mem is not None and off is not None
@@ -219,7 +292,8 @@ class CacheBatches:
                     # start decoding the next window before handing this one out
                     pending = self._window_feats(windows[w + 1][0], pool) if w + 1 < len(windows) else None
                     for batch in batches:
-                        if not put(self._collate(batch, feats)):
+                        item = self._collate_codes(batch) if self._codes is not None else self._collate(batch, feats)
+                        if not put(item):
                             return
                     del feats
             finally:
@@ -245,7 +319,7 @@ class CacheBatches:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                yield self._decode_batch(item) if isinstance(item, _CodesBatch) else item
         finally:
             stop.set()  # the consumer stopped early (or finished): release the producer
             worker.join()
@@ -268,3 +342,61 @@ class _Gather:
         for block, fut in self.futures:
             feats.update(zip(block.tolist(), fut.result(), strict=True))
         return feats
+
+
+class _CodesBatch:
+    """A batch before decoding: its labels and, per layer, the gathered rows and utterance groups."""
+
+    def __init__(self, ids: list[str], lengths: np.ndarray, targets: torch.Tensor,
+                 target_lengths: torch.Tensor | None, layers: list[tuple[dict[str, np.ndarray], np.ndarray]]) -> None:
+        self.ids, self.lengths, self.targets, self.target_lengths = ids, lengths, targets, target_lengths
+        self.layers = layers
+
+
+class _ResidentLayer:
+    """One layer's codes in RAM: per-frame arrays of every own frame, each position's group, and the groups
+    (per-part arrays, in numpy and on the decode device)."""
+
+    def __init__(self, rows: dict[str, np.ndarray], positions: int) -> None:
+        self.rows = rows
+        self.utt_group = np.zeros(positions, dtype=np.int64)
+        self.groups: list[dict[str, np.ndarray]] = []
+        self.keys: list[tuple[str | None, str | None]] = []
+        self.groups_t: list[dict[str, torch.Tensor]] = []
+
+    @classmethod
+    def allocate(cls, sample: StoredCodes, frames: int, positions: int) -> _ResidentLayer:
+        """Empty arrays for ``frames`` rows shaped like ``sample``'s."""
+        rows = {n: np.empty((frames, *a.shape[1:]), dtype=a.dtype) for n, a in sample.rows.items()}
+        return cls(rows, positions)
+
+    def add_groups(self, block: np.ndarray, codes: StoredCodes) -> None:
+        """Record the groups of a block's codes (one part's: usually one group) under global ids."""
+        for key, arrays in zip(codes.group_keys, codes.groups, strict=True):
+            if key not in self.keys:
+                self.keys.append(key)
+                self.groups.append(arrays)
+        local = np.asarray([self.keys.index(k) for k in codes.group_keys], dtype=np.int64)
+        self.utt_group[block] = local[codes.group]
+
+    def to_device(self, codec: Codec, device: torch.device) -> None:
+        self.groups_t = device_decode.device_groups(codec, self.groups, device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.rows.values()) + sum(a.nbytes for g in self.groups for a in g.values())
+
+
+def resident_frame_bytes(codec: Codec, num_layers: int, hidden_size: int, resident: str = "codes") -> float:
+    """Bytes of RAM per frame (all ``num_layers`` layers) that ``in_memory`` holds: the stored codes when the
+    codec has a torch decoder and ``resident`` is "codes", else decoded float16."""
+    if resident == "codes" and codec.name in device_decode.DECODERS:
+        return num_layers * codec.frame_nbytes(hidden_size)
+    return num_layers * hidden_size * 2.0
+
+
+def hours_per_gib(codec: Codec, num_layers: int, hidden_size: int, frame_rate: float = 50.0,
+                  resident: str = "codes") -> float:
+    """Hours of audio one GiB of RAM holds in ``in_memory`` residency (the per-part arrays left out: they
+    are a few KiB a part, and a tpca fit is ~1 MiB a layer per worker)."""
+    return 2**30 / resident_frame_bytes(codec, num_layers, hidden_size, resident) / frame_rate / 3600

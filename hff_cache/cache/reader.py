@@ -112,6 +112,44 @@ class PartInfo:
     num_utterances: int
 
 
+@dataclass
+class StoredCodes:
+    """One stored layer of some utterances as its codec wrote it, not decoded: what compressed residency
+    keeps in RAM. Utterance i owns rows ``offsets[i]:offsets[i+1]`` of every array in ``rows`` (``layer_kk``
+    under ``"layer"``, and the per-frame side arrays) and decodes with the per-part arrays
+    ``groups[group[i]]`` (side arrays without a frame axis, the worker's fit). ``group_keys`` name each group
+    (part id, fit part id; None where it does not matter) so codes of several reads can share them."""
+
+    layer: int
+    rows: dict[str, np.ndarray]
+    lengths: np.ndarray
+    group: np.ndarray
+    groups: list[dict[str, np.ndarray]]
+    group_keys: list[tuple[str | None, str | None]]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+
+
+def decode_codes(codec: Codec, codes: StoredCodes, dtype: Any = np.float32) -> np.ndarray:
+    """``codes`` decoded with the numpy codec: (rows, D), equal to ``read_many``'s frames of the same
+    utterances concatenated. Runs of utterances of one group decode together."""
+    offsets, out = codes.offsets, []
+    i, n = 0, len(codes.lengths)
+    while i < n:
+        j = i + 1
+        while j < n and codes.group[j] == codes.group[i]:
+            j += 1
+        lo, hi = int(offsets[i]), int(offsets[j])
+        stored = {s: a[lo:hi] for s, a in codes.rows.items()}
+        stored.update(codes.groups[int(codes.group[i])])
+        stored["starts"] = offsets[i:j] - lo
+        out.append(codec.decode(stored, slice(0, hi - lo), dtype=dtype))
+        i = j
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype)
+
+
 def load_root_meta(store: Store, url: str) -> CacheMeta:
     doc = read_json(store, "zarr.json")
     if doc is None:
@@ -194,10 +232,27 @@ class CacheReader:
             worker = (parse_part_id(pid) or ("", 0))[0]
             nframes = int(self._part_attrs[pi].get("num_frames", int(arrs["lengths"].sum())))
             self._parts.append(PartInfo(pid, worker, start, len(self.ids), nframes, len(self.ids) - start))
+        self._part_starts = [np.asarray(arrs["offsets"], dtype=np.int64) for arrs in index]
+        self._fit_of: list[str | None] = [a.get("codec_fit") for a in self._part_attrs]
+        self._check_fit_parts()
         self._part_of = np.asarray(part_of, dtype=np.int64)
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self.lengths: np.ndarray = np.asarray(lengths, dtype=np.int64)
         self.num_samples: np.ndarray = np.asarray(samples, dtype=np.int64)
+
+    def _check_fit_parts(self) -> None:
+        """A codec with fitted statistics decodes a part with the fit part it names: that one must be there."""
+        if not self.codec.fit_suffixes:
+            return
+        have = set(self._part_ids)
+        lost = [(pid, ref) for pid, ref, info in zip(self._part_ids, self._fit_of, self._parts, strict=True)
+                if info.num_frames and ref not in have]
+        if lost:
+            pid, ref = lost[0]
+            raise CacheFormatError(
+                f"{self.url}: {len(lost)} part(s) cannot be decoded, e.g. part {pid}: its codec fit "
+                + (f"is in part {ref}, which is missing or uncommitted" if ref else "is not named")
+                + "; delete those parts and rerun the same extract (or transcode) to redo them")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -233,6 +288,9 @@ class CacheReader:
         return [stored.index(k) for k in layers]
 
     def _stored(self, part: int, pos: int) -> dict[str, Any]:
+        """What ``codec.decode`` takes for one part and layer: ``layer_kk`` (opened, read by rows), the side
+        arrays (read whole), and for the codecs that need them the utterance offsets (``starts``) and the
+        arrays of the worker's fit (read once per fit part)."""
         key = (part, pos)
         if key not in self._arrays:
             base = f"{PARTS}/{self._part_ids[part]}"
@@ -240,7 +298,20 @@ class CacheReader:
             arrs: dict[str, Any] = {MAIN: open_array(self.store, f"{base}/{layer_name(k)}")}
             for suffix in self.codec.side_suffixes:
                 arrs[suffix] = open_array(self.store, f"{base}/{side_name(suffix, k)}")[...]
+            if self.codec.needs_starts:
+                arrs["starts"] = self._part_starts[part]
+            if self.codec.fit_suffixes:
+                arrs.update(self._fit_arrays(self._fit_of[part], k))
             self._arrays[key] = arrs
+        return self._arrays[key]
+
+    def _fit_arrays(self, fit_part: str | None, k: int) -> dict[str, np.ndarray]:
+        if fit_part is None:  # a part of no frames, written before any fit: never decoded
+            return {}
+        key = (-1 - self._part_ids.index(fit_part), k)  # negative: never a (part, position) key
+        if key not in self._arrays:
+            self._arrays[key] = {s: open_array(self.store, f"{PARTS}/{fit_part}/{side_name(s, k)}")[...]
+                                 for s in self.codec.fit_suffixes}
         return self._arrays[key]
 
     def read(self, utt_id: str, layers: Sequence[int] | None = None) -> np.ndarray:
@@ -257,17 +328,11 @@ class CacheReader:
         """
         positions = self._layer_positions(layers)
         D = self.meta.encoder.hidden_size
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self.ids)):
-            raise IndexError(f"utterance index out of range 0..{len(self.ids) - 1} in {self.url}")
+        idx = self._checked(indices)
         out: list[np.ndarray] = [
             np.empty((int(self.lengths[i]), len(positions), D), dtype=dtype) for i in idx
         ]
-        by_part: dict[int, list[int]] = {}
-        for n, i in enumerate(idx):
-            by_part.setdefault(int(self._part_of[i]), []).append(n)
-        for part, ns in by_part.items():
-            ns.sort(key=lambda n: self._offsets[idx[n]])
+        for part, ns in self._by_part(idx).items():
             chunk = int(self._stored(part, positions[0])[MAIN].chunks[0]) if positions else 1
             for run in self._runs(chunk, ns, idx):
                 lo = int(self._offsets[idx[run[0]]])
@@ -278,6 +343,63 @@ class CacheReader:
                         o = int(self._offsets[idx[n]]) - lo
                         out[n][:, j, :] = block[o:o + int(self.lengths[idx[n]])]
         return out
+
+    def _checked(self, indices: Sequence[int]) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self.ids)):
+            raise IndexError(f"utterance index out of range 0..{len(self.ids) - 1} in {self.url}")
+        return idx
+
+    def _by_part(self, idx: np.ndarray) -> dict[int, list[int]]:
+        """Positions n of ``idx`` by part, each list in frame order."""
+        by_part: dict[int, list[int]] = {}
+        for n, i in enumerate(idx):
+            by_part.setdefault(int(self._part_of[i]), []).append(n)
+        for ns in by_part.values():
+            ns.sort(key=lambda n: self._offsets[idx[n]])
+        return by_part
+
+    def read_codes(self, indices: Sequence[int], layers: Sequence[int] | None = None) -> list[StoredCodes]:
+        """The stored arrays of utterances by global index, undecoded: one ``StoredCodes`` per layer (in
+        ``layers`` order), utterances in the order asked. Reads like ``read_many`` (one contiguous range per
+        run of nearby utterances); ``decode_codes`` (numpy) or a torch decoder (hff_cache/batches) decode it."""
+        positions = self._layer_positions(layers)
+        idx = self._checked(indices)
+        lengths = self.lengths[idx] if len(idx) else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        by_part = self._by_part(idx)
+        return [self._layer_codes(pos, idx, by_part, offsets) for pos in positions]
+
+    def _layer_codes(self, pos: int, idx: np.ndarray, by_part: dict[int, list[int]],
+                     offsets: np.ndarray) -> StoredCodes:
+        frame = (MAIN, *self.codec.frame_suffixes)
+        sides = [s for s in self.codec.side_suffixes if s not in frame]
+        per_part = sides + list(self.codec.fit_suffixes)
+        rows: dict[str, np.ndarray] = {}
+        group = np.zeros(len(idx), np.int64)
+        keys: list[tuple[str | None, str | None]] = []
+        groups: list[dict[str, np.ndarray]] = []
+        for part, ns in by_part.items():
+            stored = self._stored(part, pos)
+            # parts that share every per-part array share a group: all parts of a worker for tpca's fit
+            key = (self._part_ids[part] if sides else None, self._fit_of[part] if self.codec.fit_suffixes else None)
+            if key not in keys:
+                keys.append(key)
+                groups.append({s: np.asarray(stored[s]) for s in per_part})
+            group[ns] = keys.index(key)
+            for run in self._runs(int(stored[MAIN].chunks[0]), ns, idx):
+                lo = int(self._offsets[idx[run[0]]])
+                hi = max(int(self._offsets[idx[n]] + self.lengths[idx[n]]) for n in run)
+                for s in frame:
+                    block = np.asarray(stored[s][lo:hi])
+                    if s not in rows:
+                        rows[s] = np.empty((int(offsets[-1]), *block.shape[1:]), dtype=block.dtype)
+                    for n in run:
+                        o = int(self._offsets[idx[n]]) - lo
+                        rows[s][offsets[n]:offsets[n + 1]] = block[o:o + int(self.lengths[idx[n]])]
+        if MAIN not in rows:
+            rows[MAIN] = np.zeros((0, *self.codec.row_shape(self.meta.encoder.hidden_size)), self.codec.dtype)
+        return StoredCodes(self.meta.layers[pos], rows, np.diff(offsets), group, groups, keys)
 
     def _runs(self, chunk: int, ns: list[int], idx: np.ndarray) -> list[list[int]]:
         runs: list[list[int]] = []

@@ -43,8 +43,9 @@ SAMPLE_UTTS = 16  # utterances compared with the source after the transcode
 # Codecs state no error bound, so the sample check compares the destination's decode with the source's:
 # relative error = ||dst - src|| / ||src|| per layer. Limits are generous multiples of the errors measured in
 # docs/cache_format.md ("Codecs"); they catch a broken transcode, not a codec's ordinary rounding.
-REL_TOLERANCE = {"fp16": 1e-3, "int8": 0.1, "int4": 0.5, "int4b": 0.3, "nf4b": 0.3}
+REL_TOLERANCE = {"fp16": 1e-3, "int8": 0.1, "int4": 0.5, "int4b": 0.3, "nf4b": 0.3, "tpca": 0.4}
 DEFAULT_REL_TOLERANCE = 0.5  # a codec registered later, of unknown precision
+FIT_FRAMES = 60_000  # frames (20 min at 50 Hz) of SRC, spread over it, that a codec with a fit is fitted on
 
 Progress = Callable[[int, int], None]  # (utterances done, including those committed before; total)
 
@@ -109,6 +110,8 @@ def transcode_cache(src: str | os.PathLike[str], dst: str | os.PathLike[str], co
     with writer:  # an error discards the part being buffered: it is redone on resume
         if not set(source.ids) <= writer.done_ids():  # work to do: DST is incomplete until it is done again
             clear_shard_record(dst, WORKER, storage_options=dst_opts)
+            if writer.codec.fit_suffixes and writer.codec_fit is None:
+                writer.offer_codec_fit(_first_pass_fit(source, writer.codec))
         counts = _copy_parts(source, writer, progress)
     complete = _record_completion(source, dst, dst_opts)
     check, out = _check_result(source, dst, dst_opts, target.codec.name)
@@ -214,6 +217,20 @@ def _copy_parts(source: CacheReader, writer: _PartWriter, progress: Progress | N
         counts.transcoded += len(todo)
         counts.parts_restat += bool(todo) and not whole
     return counts
+
+
+def _first_pass_fit(source: CacheReader, codec: Codec, frames: int = FIT_FRAMES) -> list[dict[str, Any]]:
+    """The codec's fit of each stored layer on about ``frames`` frames of whole utterances spread evenly over
+    SRC: a first pass, so the fit sees every part of the source rather than only its first part."""
+    total = int(source.lengths.sum())
+    n = len(source) if total <= frames else max(1, int(np.ceil(len(source) * frames / total)))
+    idx = sorted({int(round(i)) for i in np.linspace(0, len(source) - 1, n)}) if len(source) else []
+    starts = np.concatenate([[0], np.cumsum(source.lengths[idx])[:-1]]).astype(np.int64)
+    fits = []
+    for k in source.layers:  # one layer at a time: a sample of all of them could be large
+        x = np.concatenate([f[:, 0] for f in source.read_many(idx, [k])]) if idx else np.zeros((0, 1))
+        fits.append(codec.fit(x, starts))
+    return fits
 
 
 def _skip_records(source: CacheReader) -> dict[str, list[dict[str, str]]]:

@@ -105,6 +105,12 @@ class CacheWriter:
         self._done: set[str] = set()  # ids with features in committed parts
         self._skipped_done: set[str] = set()
         self._seq = 0
+        # A codec with fitted statistics (``codec.fit_suffixes``): the worker's fit, one dict per stored layer,
+        # committed once in a part of its own (no utterances) that every later part of the worker names.
+        self._fit: list[dict[str, np.ndarray]] | None = None
+        self._fit_part: str | None = None
+        self._offered_fit: list[dict[str, np.ndarray]] | None = None
+        self._writing: str | None = None  # the part being written, removed again if its write fails
         # Lock before the scan: the scan deletes this worker's uncommitted parts, which must not be the
         # in-progress part of a live twin process started with the same worker label.
         self._lock: IO[str] | None = self._acquire_lock()
@@ -223,6 +229,12 @@ class CacheWriter:
                 sync(self.store.delete_dir(f"{PARTS}/{pid}"))
             if worker == self.worker:
                 self._seq = max(self._seq, seq + 1)
+                if a is not None and a.get("committed") is True and a.get("codec_fit") == pid \
+                        and self._fit_part is None:
+                    self._fit_part = pid  # this worker's fit, from before the interruption: keep using it
+        if self._fit_part is not None and self.codec.fit_suffixes:
+            self._fit = [{s: open_array(self.store, f"{PARTS}/{self._fit_part}/{side_name(s, k)}")[...]
+                          for s in self.codec.fit_suffixes} for k in self.meta.layers]
 
         def ids(pid: str) -> list[str]:
             return [str(x) for x in open_array(self.store, f"{PARTS}/{pid}/ids")[...].tolist()]
@@ -287,6 +299,22 @@ class CacheWriter:
         if self._frames >= self.part_frames:
             self.flush()
 
+    @property
+    def codec_fit(self) -> list[dict[str, np.ndarray]] | None:
+        """The worker's committed fit (one dict per stored layer), or None (none yet, or the codec has none)."""
+        return self._fit
+
+    def offer_codec_fit(self, fits: list[dict[str, np.ndarray]]) -> bool:
+        """Use ``fits`` (``codec.fit`` of each stored layer, e.g. from a first pass over all the data) instead
+        of fitting on the first part's frames. False when the worker already has a committed fit (a resume):
+        that one stays, so all its parts decode with one fit."""
+        if len(fits) != len(self.meta.layers):
+            raise ValueError(f"one fit per stored layer ({len(self.meta.layers)}) is needed, got {len(fits)}")
+        if self._fit is not None:
+            return False
+        self._offered_fit = [dict(f) for f in fits]
+        return True
+
     def skip(self, utt_id: str, audio: str, reason: str) -> None:
         """Record an input that will not be extracted; it is committed with the next part."""
         self._check_open()
@@ -299,13 +327,17 @@ class CacheWriter:
         self._check_open()
         if not self._ids and not self._pending_skips:
             return None
-        pid = part_id(self.worker, self._seq)
-        self._seq += 1
         try:
+            if self.codec.fit_suffixes and self._fit is None and self._frames:
+                self._write_fit_part()  # before the first part with frames, which names it
+            pid = self._writing = part_id(self.worker, self._seq)
+            self._seq += 1
             self._write_part(pid)
         except OSError as e:
+            pid = self._writing or "(none)"
             try:  # best effort: a half-written part would be removed on resume anyway
-                sync(self.store.delete_dir(f"{PARTS}/{pid}"))
+                if self._writing:
+                    sync(self.store.delete_dir(f"{PARTS}/{pid}"))
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 pass
             what = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
@@ -316,6 +348,7 @@ class CacheWriter:
             self._closed = True
             self._release_lock()
             raise (CacheWriteError(e.errno, msg) if e.errno is not None else CacheWriteError(msg)) from e
+        self._writing = None
         self._done.update(self._ids)
         self._skipped_done.update(r["id"] for r in self._pending_skips)
         self._pending_skips = []
@@ -348,64 +381,107 @@ class CacheWriter:
         if self._closed:
             raise RuntimeError(f"CacheWriter for {self.url} is closed")
 
+    def _write_fit_part(self) -> None:
+        """Commit the worker's fit (offered, or fitted on the buffered frames) as a part of no utterances."""
+        fits = self._offered_fit
+        if fits is None:
+            lengths = [f.shape[1] for f in self._feats]
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+            fits = [self.codec.fit(np.concatenate([f[j] for f in self._feats]).astype(np.float32), starts)
+                    for j in range(len(self.meta.layers))]
+        pid = self._writing = part_id(self.worker, self._seq)
+        self._seq += 1
+        self._write(pid, fits)
+        self._fit, self._fit_part, self._offered_fit = fits, pid, None
+
     def _write_part(self, pid: str) -> None:
+        """Write the buffered utterances as part ``pid`` and commit it."""
+        self._write(pid, None)
+
+    def _write(self, pid: str, fits: list[dict[str, np.ndarray]] | None) -> None:
         # Protocol: 1. part zarr.json with committed=false, 2. arrays, 3. zarr.json with committed=true.
-        # Arrays are encoded into an in-memory zarr store and their keys uploaded concurrently: zarr's
-        # create_array on S3 costs a dozen round trips of parent checks per array, an upload one per key.
-        path = f"{PARTS}/{pid}"
-        stage = MemoryStore()
-        group = zarr.create_group(store=stage, path=path, attributes={"committed": False})
-        _upload(stage, self.store, [f"{path}/zarr.json"])
-        lengths = np.asarray([f.shape[1] for f in self._feats], dtype=np.int64)
+        # ``fits``: the worker's fit part instead: no utterances, the codec's fitted statistics per layer.
+        stage = _Stage(self.store, f"{PARTS}/{pid}")
+        own = fits is None
+        feats = self._feats if own else []
+        lengths = np.asarray([f.shape[1] for f in feats], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
-        checksums: dict[str, str] = {}
-
-        def put(names_data: list[tuple[str, np.ndarray, tuple[int, ...] | None, list[Any] | None]]) -> None:
-            for name, data, chunks, compressors in names_data:
-                checksums[name] = array_checksum(data)
-                arr = group.create_array(
-                    name, shape=data.shape, dtype=data.dtype,
-                    chunks=chunks or tuple(max(1, s) for s in data.shape),  # small arrays: one chunk
-                    compressors=compressors or [ZstdCodec(level=ZSTD_LEVEL)],
-                )
-                if data.size:
-                    arr[...] = data
-            keys = [k for name, *_ in names_data for k in _list_prefix(stage, f"{path}/{name}/")]
-            _upload(stage, self.store, keys, drop=True)  # drop: keep only one layer staged at a time
-
-        put([
-            ("ids", np.asarray(self._ids, dtype=_STR), None, None),
+        n_layers, dim = len(self.meta.layers), self.meta.encoder.hidden_size
+        none = np.zeros((n_layers, dim), np.float64)
+        stage.put([
+            ("ids", np.asarray(self._ids if own else [], dtype=_STR), None, None),
             ("offsets", offsets, None, None),
             ("lengths", lengths, None, None),
-            ("num_samples", np.asarray(self._samples, dtype=np.int64), None, None),
-            ("text", np.asarray(self._texts, dtype=_STR), None, None),
-            ("meta", np.asarray(self._metas, dtype=_STR), None, None),
-            ("stats_sum", self._sum, None, None),
-            ("stats_sumsq", self._sumsq, None, None),
+            ("num_samples", np.asarray(self._samples if own else [], dtype=np.int64), None, None),
+            ("text", np.asarray(self._texts if own else [], dtype=_STR), None, None),
+            ("meta", np.asarray(self._metas if own else [], dtype=_STR), None, None),
+            ("stats_sum", self._sum if own else none, None, None),
+            ("stats_sumsq", self._sumsq if own else none, None, None),
         ])
-        dim = self.meta.encoder.hidden_size
         for j, k in enumerate(self.meta.layers):
-            x = (np.concatenate([f[j] for f in self._feats]) if self._feats
-                 else np.zeros((0, dim), self.codec.buffer_dtype))
-            batch = []
-            for suffix, data in self.codec.encode(x).items():
-                if suffix == MAIN:
-                    chunks = (self.chunk_frames, *data.shape[1:])
-                    batch.append((layer_name(k), data, chunks, self.codec.compressors()))
-                else:
-                    batch.append((side_name(suffix, k), data, None, None))
+            x = (np.concatenate([f[j] for f in feats]) if feats else np.zeros((0, dim), self.codec.buffer_dtype))
+            stage.put(self._layer_arrays(k, x, offsets, fits[j] if fits else None))
             del x
-            put(batch)
-        group.attrs.update({
+        marker = {
             "committed": True,
-            "num_utterances": len(self._ids),
+            "num_utterances": len(lengths),
             "num_frames": int(lengths.sum()),
             "checksum_algorithm": CHECKSUM_ALGORITHM,
-            "checksums": checksums,
-            "skipped": list(self._pending_skips),
+            "checksums": stage.checksums,
+            "skipped": list(self._pending_skips) if own else [],
             "created": now_iso(),
-        })
-        _upload(stage, self.store, [f"{path}/zarr.json"])  # the commit marker, last
+        }
+        if fits is not None or self._fit_part is not None:
+            marker["codec_fit"] = pid if fits is not None else self._fit_part  # where the fit of this part is
+        stage.commit(marker)
+
+    def _layer_arrays(self, k: int, x: np.ndarray, offsets: np.ndarray, fit: dict[str, np.ndarray] | None
+                      ) -> list[tuple[str, np.ndarray, tuple[int, ...] | None, list[Any] | None]]:
+        """(name, data, chunks, compressors) of stored layer ``k``: the codec's arrays (and ``fit``, in a fit
+        part)."""
+        j = self.meta.layers.index(k)
+        use = fit if fit is not None else (self._fit[j] if self._fit is not None else None)
+        encoded = (self.codec.encode_part(x, offsets, use) if self.codec.fit_suffixes or self.codec.needs_starts
+                   else self.codec.encode(x))
+        batch: list[tuple[str, np.ndarray, tuple[int, ...] | None, list[Any] | None]] = []
+        for suffix, data in encoded.items():
+            if suffix == MAIN:
+                batch.append((layer_name(k), data, (self.chunk_frames, *data.shape[1:]), self.codec.compressors()))
+            else:
+                batch.append((side_name(suffix, k), data, None, None))
+        for suffix, data in (fit or {}).items():
+            batch.append((side_name(suffix, k), np.asarray(data), None, None))
+        return batch
+
+
+class _Stage:
+    """One part's arrays, encoded into an in-memory zarr store and uploaded a batch at a time, with their
+    checksums. Uploading keys concurrently beats zarr's create_array on S3 (a dozen round trips of parent
+    checks per array; an upload is one per key)."""
+
+    def __init__(self, store: Store, path: str) -> None:
+        self.store, self.path = store, path
+        self.mem = MemoryStore()
+        self.group = zarr.create_group(store=self.mem, path=path, attributes={"committed": False})
+        self.checksums: dict[str, str] = {}
+        _upload(self.mem, self.store, [f"{path}/zarr.json"])
+
+    def put(self, items: list[tuple[str, np.ndarray, tuple[int, ...] | None, list[Any] | None]]) -> None:
+        for name, data, chunks, compressors in items:
+            self.checksums[name] = array_checksum(data)
+            arr = self.group.create_array(
+                name, shape=data.shape, dtype=data.dtype,
+                chunks=chunks or tuple(max(1, s) for s in data.shape),  # small arrays: one chunk
+                compressors=compressors or [ZstdCodec(level=ZSTD_LEVEL)],
+            )
+            if data.size:
+                arr[...] = data
+        keys = [k for name, *_ in items for k in _list_prefix(self.mem, f"{self.path}/{name}/")]
+        _upload(self.mem, self.store, keys, drop=True)  # drop: keep only one layer staged at a time
+
+    def commit(self, attrs: dict[str, Any]) -> None:
+        self.group.attrs.update(attrs)
+        _upload(self.mem, self.store, [f"{self.path}/zarr.json"])  # the commit marker, last
 
 
 def record_shard_complete(url: str, worker: str, *, num_shards: int, shard_index: int, utterances: int,

@@ -55,9 +55,11 @@ def cache_sources(cfg: TrainConfig, task: Task, layers: list[int], readers: tupl
     (reader, valid_reader), (train_labels, valid_labels) = readers, labels
     train_data = task.prepare(reader, train_labels, "train")
     d = distributed.current()  # under torchrun each rank reads only its share of both caches
+    # compressed residency decodes each batch where the model runs (the GPU when training there)
     common = dict(ctc=task.kind == "ctc", layers=layers, batch_frames=cfg.batch_frames,
                   max_batch_utts=cfg.max_batch_utts, in_memory=cfg.in_memory, num_workers=cfg.num_workers,
-                  prefetch=cfg.prefetch, rank=d.rank, world_size=d.world_size, local_world_size=d.local_world_size)
+                  prefetch=cfg.prefetch, rank=d.rank, world_size=d.world_size, local_world_size=d.local_world_size,
+                  device=distributed.resolve_device(cfg.device))
     train_src = CacheBatches(reader, train_data, shuffle=True, seed=cfg.seed, shuffle_frames=cfg.shuffle_frames,
                              **common)
     sources = CacheSources(train_src, None, {}, {"train": CacheRecord.of(reader, len(train_data))})

@@ -1,77 +1,13 @@
-"""Feature codecs: how one part's (N, D) float32 layer becomes stored arrays, and back.
-
-A codec's ``encode`` returns ``{suffix: array}``; the key ``"layer"`` is the per-frame array (stored as
-``layer_kk``, chunked along frames), every other key is a small per-part side array (stored as
-``<suffix>_kk``). ``decode`` reads only the frames in ``rows`` from the per-frame array, so the reader can
-pass zarr arrays and decompress only the chunks it needs. Codecs are looked up by name, so adding one never
-requires rewriting existing caches.
-"""
+"""Scalar codecs: fp16, and int8 / int4 / int4b / nf4b quantisation with per-frame or per-block scales."""
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from zarr.codecs import ZstdCodec
 
-from .format import ZSTD_LEVEL, CacheFormatError
-
-MAIN = "layer"
-
-
-def _zstd_pipeline(level: int, shuffle_bytes: int = 0) -> list[Any]:
-    if not shuffle_bytes:
-        return [ZstdCodec(level=level)]
-    # Byte shuffle groups the high (sign/exponent) bytes of float16 values, which zstd compresses much
-    # better than the noisy mantissa bytes: ~6-8% smaller on encoder-like data (see docs/cache_format.md).
-    from zarr.codecs.numcodecs import Shuffle
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "not in the Zarr v3 spec": our reader reads it
-        return [Shuffle(elementsize=shuffle_bytes), ZstdCodec(level=level)]
-
-
-class Codec:
-    """Base class. Subclasses set ``name``, ``dtype`` and ``bytes_per_value`` (nominal, before zstd)."""
-
-    name: str = ""
-    dtype: np.dtype = np.dtype("float32")
-    bytes_per_value: float = 4.0
-    # Largest magnitude the codec can store; the writer rejects larger inputs per utterance.
-    max_abs: float = float("inf")
-    # Buffering float16 is lossless only when the codec stores float16 anyway.
-    buffer_dtype: np.dtype = np.dtype("float32")
-    # Per-part side arrays written next to each layer (``<suffix>_kk``), read whole by the reader.
-    side_suffixes: tuple[str, ...] = ()
-
-    def __init__(self, level: int = ZSTD_LEVEL) -> None:
-        self.level = int(level)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"level": self.level}
-
-    def compressors(self) -> list[Any]:
-        """zarr compressors for the per-frame array."""
-        return _zstd_pipeline(self.level)
-
-    def row_shape(self, dim: int) -> tuple[int, ...]:
-        return (dim,)
-
-    def check_dim(self, dim: int) -> None:
-        pass
-
-    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
-        """Rows ``rows`` of the layer as ``dtype`` (float32, or float16 for the training loader)."""
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.params})"
+from ..format import ZSTD_LEVEL
+from .base import MAIN, Codec, _zstd_pipeline
 
 
 class FP16Codec(Codec):
@@ -80,6 +16,7 @@ class FP16Codec(Codec):
     bytes_per_value = 2.0
     max_abs = float(np.finfo(np.float16).max)
     buffer_dtype = np.dtype("float16")
+    rel_error = 5e-4  # float16 rounding: 2^-11 relative per value
 
     def __init__(self, level: int = ZSTD_LEVEL, shuffle: bool = True) -> None:
         super().__init__(level)
@@ -120,6 +57,7 @@ class Int8Codec(Codec):
     dtype = np.dtype("int8")
     bytes_per_value = 1.0
     side_suffixes = ("scale",)
+    rel_error = 0.03
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         scale = _symmetric_scales(x, 127)
@@ -142,6 +80,7 @@ class Int4Codec(Codec):
     dtype = np.dtype("uint8")
     bytes_per_value = 0.5
     side_suffixes = ("scale",)
+    rel_error = 0.3
 
     def row_shape(self, dim: int) -> tuple[int, ...]:
         return (dim // 2,)
@@ -180,6 +119,8 @@ class Int4BlockCodec(Codec):
     name = "int4b"
     dtype = np.dtype("uint8")
     side_suffixes = ("mean", "bscale")
+    frame_suffixes = ("bscale",)
+    rel_error = 0.2
 
     def __init__(self, level: int = ZSTD_LEVEL, block: int = 64) -> None:
         super().__init__(level)
@@ -197,6 +138,9 @@ class Int4BlockCodec(Codec):
 
     def row_shape(self, dim: int) -> tuple[int, ...]:
         return (dim // 2,)
+
+    def frame_nbytes(self, dim: int) -> float:
+        return dim / 2 + 2.0 * dim / self.block  # packed codes + the float16 block scales of the frame
 
     def check_dim(self, dim: int) -> None:
         if dim % self.block:
@@ -243,30 +187,10 @@ class NF4BlockCodec(Int4BlockCodec):
                        0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0],
                       dtype=np.float32)
     first_code = 0
+    rel_error = 0.12
 
 
-CODECS: dict[str, Callable[..., Codec]] = {
-    "fp16": FP16Codec,
-    "int8": Int8Codec,
-    "int4": Int4Codec,
-    "int4b": Int4BlockCodec,
-    "nf4b": NF4BlockCodec,
-}
+# --- tpca: time groups + PCA rotation, bits allocated by variance ------------------------------------------
 
-
-def register_codec(name: str, factory: Callable[..., Codec]) -> None:
-    """Add a codec. Existing caches keep decoding with the codec they name, so nothing is rewritten."""
-    CODECS[name] = factory
-
-
-def get_codec(name: str, **params: Any) -> Codec:
-    """Codec by registry name; ``params`` are the ones recorded in the cache's ``codec.params``."""
-    if name not in CODECS:
-        raise CacheFormatError(
-            f"unknown codec {name!r} (known: {', '.join(sorted(CODECS))}); "
-            "a cache written with a newer codec needs a newer hff-cache to read it"
-        )
-    try:
-        return CODECS[name](**params)
-    except TypeError as e:
-        raise CacheFormatError(f"bad parameters for codec {name!r}: {params} ({e})") from e
+# Optimal steps of a uniform b-bit quantiser (odd multiples of step/2, 2^b levels) for a unit normal, and its
+# mean squared error (Max 1960 for b <= 5, the same search for 6..8). ``TPCACodec`` allocates bits with them.

@@ -1,0 +1,439 @@
+"""Codecs, second round: every codec within its stated error, torch decoding equal to numpy decoding bit for
+bit, transcode then verify, old caches still read, compressed residency equal to float16 residency, and the
+tpca codec's fit part, layout, resume and damage."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from hff_cache.batches import device_decode
+from hff_cache.batches.from_cache import CacheBatches, hours_per_gib
+from hff_cache.cache import (
+    CODECS,
+    CacheFormatError,
+    CacheMeta,
+    CacheReader,
+    CacheWriter,
+    CodecSpec,
+    EncoderInfo,
+    get_codec,
+    transcode_cache,
+    verify_cache,
+)
+from hff_cache.cache.codecs import MAIN, frame_layout
+from hff_cache.cache.format import array_checksum
+from hff_cache.cache.reader import decode_codes
+from hff_cache.cache.transcode import REL_TOLERANCE
+from hff_cache.tasks.task import Task
+from hff_cache.testing import tiny_cache
+
+D = 64
+LAYERS = [0, 1, 2]
+V1_CACHE = Path(__file__).parent / "fixtures" / "v1_run" / "cache"  # fp16, written by the code of b945023
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DECODABLE = [n for n in CODECS if n in device_decode.DECODERS]
+TEXTS = ["AB", "BA", "ABBA", "BAB", "A B", "BB A", "AAB", "B", "ABA", "BBA", "AB BA", "A"]
+DURATIONS = [0.5, 1.6, 0.7, 1.2, 0.9, 2.0, 0.6, 1.4, 1.0, 0.8, 1.8, 0.55]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    torch.set_num_threads(1)  # tiny ops: OpenMP threads only add contention on a shared 2-core box
+
+
+def params(name: str, dim: int = D) -> dict:
+    """Block codecs need a block dividing the hidden size (default 64; the tiny encoders have 32)."""
+    return {"block": 16} if "block" in get_codec(name).params and dim % 64 else {}
+
+
+def whisper_like(rng: np.random.Generator, lengths: np.ndarray, dim: int, rho: float = 0.8
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Frames like a speech encoder's: per-dimension spread over ~2 decades, three dimensions 60x larger
+    (Whisper's outliers), an all-zero dimension, neighbouring frames correlated at ``rho``. (x, starts)."""
+    scale = np.exp(rng.normal(0.0, 0.7, dim)).astype(np.float32)
+    scale[:3] *= 60.0
+    utts = []
+    for n in lengths:
+        z = np.empty((int(n), dim), np.float32)
+        z[0] = rng.standard_normal(dim)
+        for t in range(1, int(n)):
+            z[t] = rho * z[t - 1] + np.sqrt(1 - rho**2) * rng.standard_normal(dim)
+        utts.append(z * scale)
+    x = np.concatenate(utts)
+    x[:, 5] = 0.0
+    return x, np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+
+def round_trip(name: str, x: np.ndarray, starts: np.ndarray, dim: int = D) -> np.ndarray:
+    codec = get_codec(name, **params(name, dim))
+    fit = codec.fit(x, starts)
+    stored = codec.encode_part(x, starts, fit or None)
+    return codec.decode({**stored, **fit, "starts": starts}, slice(None))
+
+
+# --- every codec ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [D, 512])
+@pytest.mark.parametrize("name", list(CODECS))
+def test_round_trip_within_the_stated_error(name: str, dim: int) -> None:
+    rng = np.random.default_rng(1)
+    x, starts = whisper_like(rng, rng.integers(20, 200, 12), dim)
+    y = round_trip(name, x, starts, dim)
+    assert y.shape == x.shape and y.dtype == np.float32
+    rel = float(np.linalg.norm(y - x) / np.linalg.norm(x))
+    assert rel <= get_codec(name, **params(name, dim)).rel_error, rel
+    assert np.all(y[:, 5] == 0) or name == "tpca"  # per-dimension codecs keep an all-zero dimension exactly
+
+
+def test_tpca_stores_a_quarter_byte_per_value_and_beats_nf4b_per_byte() -> None:
+    rng = np.random.default_rng(2)
+    x, starts = whisper_like(rng, rng.integers(50, 300, 10), 512)
+    codec = get_codec("tpca")
+    assert codec.bytes_per_value == 0.25 and codec.frame_nbytes(512) == 128
+    assert codec.encode_part(x, starts)[MAIN].shape == (len(x), 128)
+    err = {n: float(np.square(round_trip(n, x, starts, 512) - x).mean()) for n in ("tpca", "nf4b")}
+    assert err["tpca"] < err["nf4b"]  # at less than half the bytes (0.25 vs 0.531)
+
+
+# Checksums of what today's codecs store and decode for fixed data (computed with the code before tpca
+# existed): a cache written by them must keep reading as it did.
+GOLDEN = {
+    "fp16": ({"layer": "bb121cc4"}, "3a8d80d5"),
+    "int8": ({"layer": "d1098eeb", "scale": "5eb09660"}, "eb618a65"),
+    "int4": ({"layer": "3c1ba674", "scale": "af9c890d"}, "c317e7c0"),
+    "int4b": ({"layer": "6e45877b", "mean": "ad927499", "bscale": "91c68cf5"}, "e9074bd2"),
+    "nf4b": ({"layer": "874ee291", "mean": "ad927499", "bscale": "a0ee1501"}, "e8b3c108"),
+}
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+def test_todays_codecs_store_and_decode_as_before(name: str) -> None:
+    rng = np.random.default_rng(7)  # uniform values and powers of two: the same bits on every machine
+    scale = (2.0 ** rng.integers(-3, 3, D)).astype(np.float32)
+    scale[:3] *= 64
+    x = ((rng.random((300, D), dtype=np.float32) - 0.5) * scale).astype(np.float32)
+    x[:, 5] = 0
+    codec = get_codec(name, **({"block": 16} if name in ("int4b", "nf4b") else {}))
+    stored = codec.encode(x)
+    assert {k: array_checksum(v) for k, v in stored.items()} == GOLDEN[name][0]
+    assert array_checksum(codec.decode(stored, slice(None))) == GOLDEN[name][1]
+
+
+# --- torch decoding --------------------------------------------------------------------------------------
+
+
+def make_meta(codec: str, dim: int = D) -> CacheMeta:
+    enc = EncoderInfo(name="tiny-test", model_class="WhisperEncoder", sample_rate=16000, frame_rate=50.0,
+                      hidden_size=dim, num_hidden_states=4)
+    return CacheMeta(encoder=enc, layers=list(LAYERS), codec=CodecSpec(codec, params(codec, dim)))
+
+
+def write_cache(url: Path, codec: str, seed: int = 0, workers: tuple[str, ...] = ("w000", "w001"),
+                n: int = 16, part_frames: int = 400) -> dict[str, np.ndarray]:
+    """Two workers (two tpca fits), several parts each; returns the features written, by id."""
+    rng = np.random.default_rng(seed)
+    utts = {}
+    for w, worker in enumerate(workers):
+        with CacheWriter(str(url), make_meta(codec), worker=worker, part_frames=part_frames) as writer:
+            for i in range(n):
+                x, _ = whisper_like(rng, [int(rng.integers(5, 120))], D)
+                x *= 1 + 3 * w  # the workers' data differ, so do their scales and fits
+                feats = np.stack([x * (j + 1) for j in range(len(LAYERS))])
+                uid = f"{worker}-utt{i:03d}"
+                writer.add(uid, feats)
+                utts[uid] = feats
+    return utts
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("v2")
+    out = {}
+    for name in CODECS:
+        write_cache(root / name, name)
+        out[name] = str(root / name)
+    return out
+
+
+def _device_codes(codec, codes, device: str) -> device_decode.DeviceCodes:
+    rows = {k: torch.from_numpy(v).to(device) for k, v in codes.rows.items()}
+    return device_decode.DeviceCodes(rows, codes.lengths, codes.group,
+                                     device_decode.device_groups(codec, codes.groups, device), codes.groups)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", DECODABLE)
+def test_torch_decoding_equals_numpy_decoding(caches: dict[str, str], name: str, device: str) -> None:
+    r = CacheReader(caches[name])
+    idx = np.random.default_rng(3).permutation(len(r))[:20].tolist()  # both workers, several parts, any order
+    ref32 = r.read_many(idx, dtype=np.float32)
+    ref16 = r.read_many(idx, dtype=np.float16)
+    for j, codes in enumerate(r.read_codes(idx)):
+        want32 = np.concatenate([f[:, j] for f in ref32])
+        np.testing.assert_array_equal(decode_codes(r.codec, codes), want32)  # the numpy decode of the codes
+        got = device_decode.decode(r.codec, _device_codes(r.codec, codes, device))
+        assert got.device.type == device and got.dtype == torch.float32
+        assert torch.equal(got.cpu(), torch.from_numpy(want32))  # float32, bit for bit
+        assert torch.equal(got.half().cpu(), torch.from_numpy(np.concatenate([f[:, j] for f in ref16])))
+    if name == "tpca":
+        assert len(codes.groups) == 2  # one fit per worker
+
+
+@pytest.mark.parametrize("name", ["tpca", "nf4b"])
+def test_torch_decoding_is_exact_under_autocast_and_fast_matmul(caches: dict[str, str], name: str) -> None:
+    r = CacheReader(caches[name])
+    codes = r.read_codes(range(len(r)), [1])[0]
+    want = decode_codes(r.codec, codes)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # bfloat16 inputs allowed: integers <= 256 stay exact
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = device_decode.decode(r.codec, _device_codes(r.codec, codes, "cpu"))
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert torch.equal(got, torch.from_numpy(want))
+
+
+def _unlabelled(reader: CacheReader) -> SimpleNamespace:
+    """TaskData-like: every utterance, class 0 (the loader reads ids, indices and targets only)."""
+    return SimpleNamespace(indices=list(range(len(reader))), ids=list(reader.ids), targets=[0] * len(reader))
+
+
+def test_fp16_has_no_torch_decoder_and_stays_float16_in_ram(caches: dict[str, str]) -> None:
+    assert "fp16" not in device_decode.DECODERS  # its codes are float16 already
+    r = CacheReader(caches["fp16"])
+    src = CacheBatches(r, _unlabelled(r), ctc=False, in_memory=True)
+    assert src.resident == "fp16" and src.resident_nbytes == src.nbytes_fp16
+
+
+# --- transcode, residency --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tiny_cache(tmp_path_factory.mktemp("tiny"), DURATIONS, TEXTS))
+
+
+@pytest.fixture(scope="module")
+def transcoded(tiny: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("transcoded")
+    out = {}
+    for name in CODECS:
+        summary = transcode_cache(tiny, str(root / f"{name}.zarr"), name, codec_params=params(name, 32))
+        assert summary["ok"], summary["problems"]
+        assert summary["rel_error"] <= REL_TOLERANCE[name]
+        out[name] = summary["dst"]
+    return out
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_transcode_then_verify(transcoded: dict[str, str], tiny: str, name: str) -> None:
+    rep = verify_cache(transcoded[name])
+    assert rep.ok, [str(p) for p in rep.problems]
+    assert not rep.warnings
+    a, b = CacheReader(tiny), CacheReader(transcoded[name])
+    assert b.ids == a.ids and b.meta.codec.name == name
+    for j, codes in enumerate(b.read_codes(range(len(b)))):
+        np.testing.assert_array_equal(decode_codes(b.codec, codes),
+                                      np.concatenate([f[:, j] for f in b.read_many(range(len(b)))]))
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_compressed_residency_epoch_equals_the_float16_epoch(transcoded: dict[str, str], name: str) -> None:
+    r = CacheReader(transcoded[name])
+    data = Task.from_labels("asr", r).prepare(r)
+    kw = dict(ctc=True, batch_frames=200, shuffle_frames=150, block_frames=100, in_memory=True)
+    codes, fp16 = CacheBatches(r, data, **kw), CacheBatches(r, data, resident="fp16", **kw)
+    streamed = CacheBatches(r, data, **{**kw, "in_memory": False})
+    assert codes.resident == ("fp16" if name == "fp16" else "codes") and fp16.resident == "fp16"
+    epochs = [list(s.epoch(2)) for s in (codes, fp16, streamed)]
+    assert len(epochs[0]) == len(epochs[1]) == len(epochs[2]) > 1
+    for a, b, c in zip(*epochs, strict=True):
+        assert a.ids == b.ids == c.ids and a.feats.dtype == torch.float16
+        assert torch.equal(a.feats, b.feats) and torch.equal(a.feats, c.feats)  # exactly, not within rounding
+        assert a.lengths.tolist() == b.lengths.tolist() and torch.equal(a.targets, b.targets)
+    if name != "fp16":
+        assert codes.resident_nbytes < fp16.resident_nbytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("name", DECODABLE)
+def test_compressed_residency_decodes_on_cuda(transcoded: dict[str, str], name: str, tf32: bool) -> None:
+    r = CacheReader(transcoded[name])
+    data = Task.from_labels("asr", r).prepare(r)
+    kw = dict(ctc=True, batch_frames=200, in_memory=True)
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # TF32 inputs keep tpca's integers exact
+        on_gpu = list(CacheBatches(r, data, device="cuda", **kw).epoch(0))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    on_cpu = list(CacheBatches(r, data, **kw).epoch(0))
+    assert all(b.feats.is_cuda for b in on_gpu)
+    assert all(torch.equal(a.feats.cpu(), b.feats) for a, b in zip(on_gpu, on_cpu, strict=True))
+
+
+def test_hours_of_audio_per_gib() -> None:
+    base = (7, 512)  # Whisper base: 7 hidden states x 512
+    h = {n: hours_per_gib(get_codec(n), *base) for n in CODECS}
+    assert h["fp16"] == pytest.approx(2**30 / (7 * 512 * 2) / 50 / 3600)  # 0.83 h
+    assert h["int8"] == pytest.approx(2 * h["fp16"]) and h["int4"] == pytest.approx(4 * h["fp16"])
+    assert h["tpca"] == pytest.approx(8 * h["fp16"])  # 6.7 h per GiB
+    assert hours_per_gib(get_codec("tpca"), *base, resident="fp16") == pytest.approx(h["fp16"])
+
+
+# --- old caches ------------------------------------------------------------------------------------------
+
+
+def test_v1_cache_reads_as_codes_resides_and_transcodes_to_tpca(tmp_path: Path) -> None:
+    shutil.copytree(V1_CACHE, tmp_path / "v1")
+    old = CacheReader(str(tmp_path / "v1"))
+    assert old.meta.codec.name == "fp16" and old.cache_id == "da880b2dea5a"  # identity unchanged
+    feats = old.read_many(range(len(old)))
+    for j, codes in enumerate(old.read_codes(range(len(old)))):
+        assert codes.rows[MAIN].dtype == np.float16 and not codes.groups[0]
+        np.testing.assert_array_equal(decode_codes(old.codec, codes), np.concatenate([f[:, j] for f in feats]))
+    data = _unlabelled(old)
+    batches = list(CacheBatches(old, data, ctc=False, in_memory=True).epoch(0))
+    assert sum(len(b) for b in batches) == len(old)
+    summary = transcode_cache(str(tmp_path / "v1"), str(tmp_path / "tpca.zarr"), "tpca")
+    assert summary["ok"], summary["problems"]
+    assert verify_cache(summary["dst"]).ok
+    new = CacheReader(summary["dst"])
+    a = list(CacheBatches(new, _unlabelled(new), ctc=False, in_memory=True).epoch(0))
+    b = list(CacheBatches(new, _unlabelled(new), ctc=False, in_memory=True, resident="fp16").epoch(0))
+    assert all(torch.equal(x.feats, y.feats) for x, y in zip(a, b, strict=True))
+
+
+# --- tpca ------------------------------------------------------------------------------------------------
+
+
+def test_tpca_fit_part_comes_first_and_every_part_names_it(caches: dict[str, str]) -> None:
+    r = CacheReader(caches["tpca"])
+    parts = r.parts()
+    for worker in ("w000", "w001"):
+        mine = [p for p in parts if p.worker == worker]
+        assert mine[0].num_utterances == 0 and mine[0].num_frames == 0 and len(mine) > 2
+        names = {r._part_attrs[r._part_ids.index(p.part_id)]["codec_fit"] for p in mine}
+        assert names == {mine[0].part_id}
+    sizes = {s: r._fit_arrays(parts[0].part_id, 0)[s].shape for s in r.codec.fit_suffixes}
+    assert sizes["pmean"] == (D,) and sizes["pbasis"][0] == 5 and sizes["pcount"] == (5, 8)
+
+
+def test_tpca_decodes_any_range_of_rows() -> None:
+    rng = np.random.default_rng(4)
+    x, starts = whisper_like(rng, np.array([9, 1, 14, 4, 30, 7]), D)
+    codec = get_codec("tpca")
+    fit = codec.fit(x, starts)
+    stored = {**codec.encode_part(x, starts, fit), **fit, "starts": starts}
+    full = codec.decode(stored, slice(None))
+    for lo, hi in [(0, 1), (3, 17), (9, 10), (10, 24), (23, 65), (50, 65), (64, 65)]:
+        np.testing.assert_array_equal(codec.decode(stored, slice(lo, hi)), full[lo:hi])
+    first, singles = frame_layout(starts, len(x), 4)
+    assert sorted(np.concatenate([first[:, None] + np.arange(4), singles[:, None]], axis=None)) == list(range(65))
+    assert singles.tolist() == [8, 9, 22, 23, 56, 57, 62, 63, 64]  # each utterance's last length % 4 frames
+
+
+def test_tpca_decodes_stored_codes_as_defined() -> None:
+    # The layout in docs/cache_format.md: a blob starts with one little-endian float16 scale per bit depth
+    # in use, then each segment's codes, least significant bit first; level = 2 * code - (2^b - 1); value =
+    # mean + sum over segments of scale * gain[row type, b - 1] * (levels @ basis rows).
+    codec = get_codec("tpca", bits=3.0, group=1)  # D=8: 3 bytes a frame; groups of one frame, no DCT
+    count = np.zeros((2, 8), np.int32)
+    count[:, 0] = 8  # eight components at 1 bit
+    basis = np.zeros((2, 8, 8), np.int8)
+    basis[:, np.arange(8), np.arange(8)] = 2
+    fit = {"pmean": np.full(8, 1.0, np.float32), "pbasis": basis, "pgain": np.full((2, 8, 8), 0.5, np.float32),
+           "pcount": count}
+    blob = np.concatenate([np.array([0.25], "<f2").view(np.uint8), [0b10100101]]).astype(np.uint8)[None]
+    y = codec.decode({MAIN: blob, **fit, "starts": np.zeros(1, np.int64)}, slice(None))
+    levels = np.array([1, -1, 1, -1, -1, 1, -1, 1], np.float32)
+    np.testing.assert_array_equal(y, [1.0 + 0.25 * 0.5 * 2 * levels])
+
+
+def test_tpca_resume_keeps_the_committed_fit(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    x, _ = whisper_like(rng, [200], D)
+    feats = np.stack([x] * len(LAYERS))
+    url = str(tmp_path / "c")
+    with CacheWriter(url, make_meta("tpca"), part_frames=150) as w:
+        w.add("a", feats[:, :160])
+        fit = w.codec_fit
+        assert fit is not None
+    with CacheWriter(url, make_meta("tpca"), part_frames=150) as w:  # a later run of the same worker
+        assert all(np.array_equal(a["pbasis"], b["pbasis"]) for a, b in zip(w.codec_fit, fit, strict=True))
+        assert not w.offer_codec_fit(fit)  # a committed fit stays
+        w.add("b", feats[:, 160:] * 2)
+    r = CacheReader(url)
+    assert [p.num_utterances for p in r.parts()] == [0, 1, 1]
+    assert {a["codec_fit"] for a in r._part_attrs} == {r.parts()[0].part_id}
+    assert verify_cache(url).ok
+
+
+def test_tpca_missing_fit_part_is_a_clear_error_and_verify_reports_it(tmp_path: Path) -> None:
+    url = tmp_path / "c"
+    write_cache(url, "tpca", workers=("w000",), n=6)
+    fit_part = CacheReader(str(url)).parts()[0].part_id
+    shutil.rmtree(url / "parts" / fit_part)
+    with pytest.raises(CacheFormatError, match=f"codec fit is in part {fit_part}, which is missing"):
+        CacheReader(str(url))
+    rep = verify_cache(str(url))
+    assert not rep.ok and rep.problems[-1].kind == "reader"
+
+
+def test_tpca_refuses_what_it_cannot_code() -> None:
+    with pytest.raises(ValueError, match="multiple of 8"):
+        get_codec("tpca").check_dim(30)
+    with pytest.raises(ValueError, match="bits per value"):
+        get_codec("tpca", bits=0.1)
+    with pytest.raises(ValueError, match="group"):
+        get_codec("tpca", group=0)
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_tpca_copes_with_variances_over_many_decades(group: int) -> None:
+    # The top block of eight components spans 10^4 in deviation and sits at the 8-bit cap: a basis row far
+    # smaller than its segment's largest must neither vanish in int8 nor blow up the blob's scale (without
+    # the floor of _FOLD_RATIO: relative error 0.28, single frames off by 2-10x their norm).
+    rng = np.random.default_rng(6)
+    rot, _ = np.linalg.qr(rng.standard_normal((D, D)))
+    x, starts = whisper_like(rng, rng.integers(30, 200, 10), D)
+    std = np.concatenate([np.logspace(4, 0, 8), np.logspace(-0.5, -3, D - 8)])
+    x = (x / x.std(axis=0).clip(1e-6) * std) @ rot.T.astype(np.float32)
+    codec = get_codec("tpca", group=group)
+    fit = codec.fit(x, starts)
+    y = codec.decode({**codec.encode_part(x, starts, fit), **fit, "starts": starts}, slice(None))
+    frame_err = np.linalg.norm(y - x, axis=1) / np.linalg.norm(x, axis=1)
+    assert frame_err.max() < 0.5 and np.linalg.norm(y - x) / np.linalg.norm(x) < 0.03
+
+
+def test_extract_to_tpca_fits_on_the_first_part(tmp_path: Path) -> None:
+    cache = tiny_cache(tmp_path, DURATIONS, TEXTS, codec="tpca")  # what `extract --codec tpca` writes
+    r = CacheReader(str(cache))
+    assert [p.num_utterances for p in r.parts()] == [0, len(DURATIONS)]  # the fit part, then the data
+    assert verify_cache(str(cache)).ok
+    x = np.concatenate(r.read_many(range(len(r))))
+    assert x.shape[1:] == (len(r.layers), 32) and np.isfinite(x).all()
+
+
+def test_tpca_on_disk_stays_within_a_quarter_byte_per_value(tmp_path: Path) -> None:
+    dim, frames = 512, 6000
+    rng = np.random.default_rng(8)
+    x, _ = whisper_like(rng, [1000] * 6, dim)
+    meta = CacheMeta(encoder=EncoderInfo(name="t", hidden_size=dim, num_hidden_states=1), layers=[0],
+                     codec=CodecSpec("tpca"))
+    with CacheWriter(str(tmp_path / "c"), meta) as w:
+        for i in range(6):
+            w.add(f"u{i}", x[None, i * 1000:(i + 1) * 1000])
+    data_part = tmp_path / "c" / "parts" / "w000-000001" / "layer_00"
+    stored = sum(f.stat().st_size for f in data_part.rglob("*") if f.is_file() and f.name != "zarr.json")
+    print(f"tpca: {stored / (frames * dim):.3f} bytes/value on disk (D={dim}, {frames} frames; fit apart)")
+    assert stored / (frames * dim) <= 0.25
