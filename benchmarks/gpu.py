@@ -5,7 +5,8 @@ It measures, through the package's own code paths:
    wav2vec2-large shape (random weights): seconds of audio per wall second, into a real cache;
 2. a cached epoch against online steps: ``hierarchical`` from that cache (in RAM) and ``hff-adapters`` with the
    encoder in the loop, the same utterances, training steps timed after a warm-up: utterances per second;
-3. on-device decoding of the stored codes (``hff_cache.batches.device_decode``, where present): values per second.
+3. on-device decoding of the stored codes (``hff_cache.batches.device_decode``): each codec's codes resident on
+   the device, an epoch of batches decoded there: values per second.
 
     bash benchmarks/gpu.sh            # on the GPU machine: writes $OUT/gpu.md and $OUT/gpu.jsonl
     bash benchmarks/gpu.sh --dry-run  # CPU, tiny random models, seconds: what CI runs
@@ -104,15 +105,35 @@ def measure_training(name: str, cache: Path, manifest: Path, device: str, steps:
             "online_over_cached": online_s / cached_s}
 
 
-def measure_device_decode(cache: Path, device: str) -> list[dict]:
-    try:
-        from hff_cache.batches import device_decode
-    except ImportError:
-        return [{"check": "device_decode", "skipped": "hff_cache.batches.device_decode is not in this version"}]
-    bench = getattr(device_decode, "benchmark", None)
-    if bench is None:
-        return [{"check": "device_decode", "skipped": "device_decode has no benchmark()"}]
-    return [{"check": "device_decode", **row} for row in bench(str(cache), device)]
+def measure_device_decode(cache: Path, device: str, small: bool) -> list[dict]:
+    """Each codec with a torch decoder: the cache transcoded to it, its codes resident on ``device``, one epoch of
+    batches decoded there (``CacheBatches`` with ``resident="codes"``): values decoded per second."""
+    from hff_cache.batches.device_decode import DECODERS
+    from hff_cache.batches.from_cache import CacheBatches
+    from hff_cache.cache import CacheReader, transcode_cache
+    from hff_cache.tasks.task import Task
+
+    rows = []
+    for codec in DECODERS:
+        params = {"block": 16} if small and codec in ("int4b", "nf4b") else None  # tiny models are 32 wide
+        dst = cache.parent / f"{cache.stem}-{codec}.zarr"
+        transcode_cache(str(cache), str(dst), codec, codec_params=params)
+        reader = CacheReader(str(dst))
+        task = Task.from_labels("asr", reader, None, "char")
+        src = CacheBatches(reader, task.prepare(reader, None, "train"), ctc=True, shuffle=False, in_memory=True,
+                           resident="codes", device=device)
+        src.load()
+        for _ in src.epoch(0):  # warm-up: kernels, allocator
+            break
+        _sync(device)
+        t0 = time.perf_counter()
+        frames = sum(b.num_frames for b in src.epoch(1))
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        values = frames * len(reader.meta.layers) * reader.meta.encoder.hidden_size
+        rows.append({"check": "device_decode", "codec": codec, "values_per_s": values / seconds,
+                     "resident_mib": src.resident_nbytes / 2**20, "frames": frames})
+    return rows
 
 
 def _sync(device: str) -> None:
@@ -134,7 +155,8 @@ def render(rows: list[dict], device: str) -> str:
         elif "skipped" in r:
             lines.append(f"| {r['check']} | | not measured: {r['skipped']} |")
         else:
-            lines.append(f"| {r['check']} | {r.get('codec', '')} | {r.get('values_per_s', 0):.3g} values/s |")
+            lines.append(f"| on-device decoding | {r['codec']} | {r['values_per_s']:.3g} values/s "
+                         f"({r['resident_mib']:.1f} MiB resident) |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +181,7 @@ def main() -> None:
             row, cache = measure_extraction(name, manifest, work, device, sum(durations))
             rows.append(emit(out, row))
             rows.append(emit(out, measure_training(name, cache, manifest, device, plan["steps"])))
-        rows += [emit(out, r) for r in measure_device_decode(cache, device)]
+        rows += [emit(out, r) for r in measure_device_decode(cache, device, small=a.dry_run)]
     (out / "gpu.md").write_text(render(rows, device))
     print(render(rows, device))
 

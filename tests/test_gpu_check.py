@@ -21,5 +21,8 @@ def test_gpu_check_dry_run(tmp_path):
         {"tiny-random:whisper", "tiny-random:wav2vec2"}
     assert all(r["x_real_time"] > 0 and r["audio_s"] > 0 for r in extract)
     assert all(r["cached_s_per_utt"] > 0 and r["online_s_per_utt"] > 0 for r in train)
-    assert any(r["check"] == "device_decode" for r in rows)
+    from hff_cache.batches.device_decode import DECODERS
+
+    decoded = {r["codec"]: r for r in rows if r["check"] == "device_decode"}
+    assert set(decoded) == set(DECODERS) and all(r["values_per_s"] > 0 for r in decoded.values())
     assert "GPU check" in (tmp_path / "gpu.md").read_text()
