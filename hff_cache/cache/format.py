@@ -1,6 +1,6 @@
 """Cache format version 1: metadata dataclasses, constants, errors and the compatibility check.
 
-Everything that names a key in the store lives here or in ``codecs.py``, so the writer and the reader
+Everything that names a key in the store lives here or in ``codecs/``, so the writer and the reader
 cannot drift apart. See docs/cache_format.md for the specification.
 """
 
