@@ -33,10 +33,12 @@
 #   9  partial caching on the 1-hour subset (--online-encoders): hff-adapters --from-layer K for K = L/2 and 0,
 #      read from the same cache; K = L is stage 7's cached hierarchical row, adapters everywhere its online row.
 #  10  summary tables and figures (hff-cache summary) into $exp/report/.
+#  11  cache v2 (issue 14): train and valid transcoded to tpca (0.25 B/value), `weighted` from them with the seeds
+#      of stage 3's fp16 rows, so each codec row is paired with an fp16 row of the same seed.
 set -euo pipefail
 
 stage=0
-stop_stage=10
+stop_stage=11
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 shared="${SHARED:-$repo/../shared/data}"
@@ -67,7 +69,7 @@ while [ $# -gt 0 ]; do
     --online-data) online_data="$2"; shift 2 ;;
     --online-methods) online_methods="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -236,6 +238,22 @@ for enc in $online_encoders; do
         --valid-labels "$m/valid.jsonl" --seed 0
     done
     done_stage 9 "$enc"
+  fi
+done
+
+for enc in $encoders; do
+  if run_stage 11 "cache v2: weighted from tpca caches, paired with the fp16 rows ($enc)" "$enc"; then
+    c="$exp/caches/$enc"
+    for split in train valid; do
+      hff-cache transcode "$c/$split.zarr" "$c/$split-tpca.zarr" --codec tpca --no-progress
+    done
+    for seed in $seeds; do
+      train "$enc/asr_weighted-s$seed" --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" --fusion weighted \
+        --seed "$seed"
+      train "$enc/tpca_asr_weighted-s$seed" --cache "$c/train-tpca.zarr" --valid-cache "$c/valid-tpca.zarr" \
+        --fusion weighted --seed "$seed"
+    done
+    done_stage 11 "$enc"
   fi
 done
 
