@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -421,24 +420,6 @@ def test_empty_cache_and_verify_detects_tampering(tmp_path):
 
 
 # --- S3 through moto --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    pytest.importorskip("s3fs")
-    server_mod = pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}.items():
-        monkeypatch.setenv(k, v)
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 def test_s3_round_trip(s3_endpoint):
