@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hff_cache.cache.codecs import CODECS
+from hff_cache.cache.format import SHARD_FRAMES
 from hff_cache.encoders.whisper import WINDOWS as WHISPER_WINDOWS
 from hff_cache.model.adapters import METHODS
 from hff_cache.model.fusion import FusionConfig, parse_kind
@@ -75,6 +76,8 @@ class ExtractConfig:
     on_error: str = setting("raise", "raise | skip (record bad items and go on)")
     max_seconds: float = setting(600.0, "Longest utterance accepted (segment longer audio first)")
     part_frames: int = setting(30_000, "Frames per committed part")
+    shard_frames: int = setting(SHARD_FRAMES, "Frames per stored object of a layer (zarr sharding, fewer and "
+                                              "larger reads from object stores); 0: one object per chunk")
     num_shards: int = setting(1, "Split the work into N duration-balanced shards (SLURM arrays, torchrun)")
     shard_index: int = setting(0, "This worker's shard")
     loader_threads: int = setting(2, "Audio decoding/resampling threads ahead of the encoder")

@@ -32,6 +32,7 @@ INDEX_ARRAYS = ("ids", "offsets", "lengths", "num_samples", "text", "meta")
 STATS_ARRAYS = ("stats_sum", "stats_sumsq")
 CHECKSUM_ALGORITHM = "crc32"
 CHUNK_FRAMES = 2048  # frames per chunk of a features array: ~2 MB of fp16 at D=512, 41 s at 50 Hz
+SHARD_FRAMES = 0  # default frames per shard object of a features array (0: unsharded, one object per chunk)
 ZSTD_LEVEL = 3
 _PART_RE = re.compile(r"^(?P<worker>[^/]+)-(?P<seq>\d{6,})$")
 
@@ -54,6 +55,13 @@ class CacheLockedError(CacheWriteError):
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def shard_rows(shard_frames: int, chunk_frames: int) -> int:
+    """Frames per shard of a features array: ``shard_frames`` rounded up to whole chunks (0: unsharded)."""
+    if shard_frames < 0:
+        raise ValueError(f"shard_frames must be >= 0 (0: unsharded), got {shard_frames}")
+    return -(-int(shard_frames) // chunk_frames) * chunk_frames if shard_frames else 0
 
 
 def layer_name(k: int) -> str:
@@ -132,6 +140,9 @@ class CacheMeta:
     tool_version: str = ""
     created: str = ""
     format_version: int = FORMAT_VERSION
+    # How features arrays are stored, e.g. {"chunk_frames": 2048, "shard_frames": 32768}: provenance, not
+    # identity (the values are the same). Empty in caches written before it existed (unsharded).
+    layout: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +154,7 @@ class CacheMeta:
             "batching": dict(self.batching),
             "intake_fingerprints": list(self.intake_fingerprints),
             "created": self.created,
+            **({"layout": dict(self.layout)} if self.layout else {}),
         }
 
     @classmethod
@@ -157,6 +169,7 @@ class CacheMeta:
                 batching=dict(d.get("batching") or {}),
                 intake_fingerprints=list(d.get("intake_fingerprints") or []),
                 created=str(d.get("created", "")),
+                layout=dict(d.get("layout") or {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CacheFormatError(f"malformed '{ROOT_KEY}' attributes: {e!r}") from e

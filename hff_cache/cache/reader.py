@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.abc.store import Store
+from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
+from zarr.codecs.bytes import Endian
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import FsspecStore, LocalStore
+from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from .codecs import MAIN, Codec, get_codec
 from .format import (
@@ -97,6 +99,84 @@ def store_bytes(store: Store) -> int:
 
 def open_array(store: Store, path: str) -> zarr.Array:
     return zarr.open_array(store=store, path=path, mode="r", zarr_format=3)  # zarr_format: no v2 probing
+
+
+_EMPTY = 2**64 - 1  # a shard index entry of an inner chunk that was never written
+
+
+class ShardedRows:
+    """Row ranges of a sharded features array (a ``layer_kk`` of a part written with ``shard_frames``) in two
+    GETs per shard touched: its index (kept), then one byte range spanning the inner chunks the rows need.
+    zarr itself issues one GET per inner chunk; here zarr decodes the fetched span from memory, so the values
+    are zarr's. Anything but a contiguous row slice goes to zarr unchanged."""
+
+    def __init__(self, arr: zarr.Array, store: Store, path: str) -> None:
+        self.arr, self.store, self.path = arr, store, path
+        self.shape, self.dtype, self.chunks, self.shards = arr.shape, arr.dtype, arr.chunks, arr.shards
+        self._per_shard = int(self.shards[0]) // int(self.chunks[0])  # inner chunks along the frame axis
+        self._index: dict[int, bytes] = {}
+        self._meta = arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        if not isinstance(rows, slice) or len(self.shape) != 2:
+            return np.asarray(self.arr[rows])
+        lo, hi, step = rows.indices(int(self.shape[0]))
+        if step != 1 or hi <= lo:
+            return np.asarray(self.arr[rows])
+        size = int(self.shards[0])
+        return np.concatenate([self._rows(s, max(lo, s * size), min(hi, (s + 1) * size))
+                               for s in range(lo // size, (hi - 1) // size + 1)])
+
+    def _rows(self, shard: int, lo: int, hi: int) -> np.ndarray:
+        key = f"{self.path}/{self.arr.metadata.encode_chunk_key((shard, 0))}"
+        index = self._shard_index(shard, key)
+        entries = np.frombuffer(index[:-4], "<u8").reshape(-1, 2)
+        chunk, base = int(self.chunks[0]), shard * int(self.shards[0])
+        need = entries[(lo - base) // chunk:(hi - 1 - base) // chunk + 1]
+        if (need[:, 0] == _EMPTY).any():
+            return np.asarray(self.arr[lo:hi])  # an unwritten inner chunk: zarr fills it
+        a, z = int(need[:, 0].min()), int((need[:, 0] + need[:, 1]).max())
+        span = sync(self.store.get(key, default_buffer_prototype(), RangeByteRequest(a, z)))
+        if span is None:
+            raise FileNotFoundError(f"{key} vanished while it was read")
+        blob = bytearray(z) + index  # the shard as far as needed: the span at its offsets, the index at the end
+        blob[a:z] = span.to_bytes()
+        return self._decode(shard, bytes(blob), lo, hi)
+
+    def _decode(self, shard: int, blob: bytes, lo: int, hi: int) -> np.ndarray:
+        mem = MemoryStore()
+        proto = default_buffer_prototype().buffer
+        sync(mem.set("zarr.json", self._meta))
+        sync(mem.set(self.arr.metadata.encode_chunk_key((shard, 0)), proto.from_bytes(blob)))
+        return np.asarray(zarr.open_array(store=mem, mode="r", zarr_format=3)[lo:hi])
+
+    def _shard_index(self, shard: int, key: str) -> bytes:
+        if shard not in self._index:
+            buf = sync(self.store.get(key, default_buffer_prototype(), SuffixByteRequest(16 * self._per_shard + 4)))
+            if buf is None:
+                raise FileNotFoundError(f"{key} is missing")
+            self._index[shard] = buf.to_bytes()
+        return self._index[shard]
+
+
+def features_array(store: Store, path: str) -> zarr.Array | ShardedRows:
+    """``layer_kk`` of a part, opened: as zarr's array, or for sharded parts (with the shard index at the end,
+    as the writer stores it) as ``ShardedRows``."""
+    arr = open_array(store, path)
+    codecs = arr.metadata.codecs if arr.metadata.zarr_format == 3 else []
+    sharding = codecs[0] if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else None
+    if sharding is None or arr.ndim != 2 or arr.shards is None or not _plain_index(sharding) \
+            or int(arr.shards[1]) != int(arr.chunks[1]):
+        return arr
+    return ShardedRows(arr, store, path)
+
+
+def _plain_index(sharding: ShardingCodec) -> bool:
+    """The shard index as zarr writes it by default: at the end, little-endian uint64 pairs, then a crc32c."""
+    codecs = sharding.index_codecs
+    return (sharding.index_location == ShardingCodecIndexLocation.end and len(codecs) == 2
+            and isinstance(codecs[0], BytesCodec) and codecs[0].endian in (Endian.little, None)
+            and isinstance(codecs[1], Crc32cCodec))
 
 
 # --- reader ----------------------------------------------------------------------------------------------
@@ -295,7 +375,7 @@ class CacheReader:
         if key not in self._arrays:
             base = f"{PARTS}/{self._part_ids[part]}"
             k = self.meta.layers[pos]
-            arrs: dict[str, Any] = {MAIN: open_array(self.store, f"{base}/{layer_name(k)}")}
+            arrs: dict[str, Any] = {MAIN: features_array(self.store, f"{base}/{layer_name(k)}")}
             for suffix in self.codec.side_suffixes:
                 arrs[suffix] = open_array(self.store, f"{base}/{side_name(suffix, k)}")[...]
             if self.codec.needs_starts:

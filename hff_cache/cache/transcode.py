@@ -1,8 +1,10 @@
 """Transcode a feature cache: decode every utterance to float32 and re-encode it with another codec.
 
-Only the codec (and the cache id, which derives from it) changes. Kept: the utterance ids in their order,
-texts, per-utterance metadata and sample counts, skip records, the encoder info, the stored layers, batching,
-intake fingerprints, the creation date, the layer statistics, and the completion record of a complete source.
+Only the codec (and the cache id, which derives from it) changes, and, when asked (``shard_frames``), the
+layout: a sharded copy of an unsharded cache (or the reverse) holds the same values in fewer objects.
+Kept: the utterance ids in their order, texts, per-utterance metadata and sample counts, skip records, the
+encoder info, the stored layers, batching, intake fingerprints, the creation date, the layer statistics, the
+chunk size, and the completion record of a complete source.
 
 Each committed source part becomes one destination part with the same utterances, so a destination part's
 statistics can be the source part's own sums (of the encoder's output before any codec rounding) and the
@@ -24,6 +26,7 @@ from zarr.core.sync import sync
 
 from .codecs import CODECS, Codec, get_codec
 from .format import (
+    CHUNK_FRAMES,
     PARTS,
     STATS_ARRAYS,
     CacheFormatError,
@@ -80,11 +83,12 @@ class _Check:
 
 def transcode_cache(src: str | os.PathLike[str], dst: str | os.PathLike[str], codec: str, *,
                     codec_params: dict[str, Any] | None = None, storage_options: dict | None = None,
-                    progress: Progress | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None, shard_frames: int | None = None) -> dict[str, Any]:
     """Write the cache at ``src`` anew at ``dst`` with ``codec`` (a name of ``CODECS``; ``codec_params`` as
     recorded in a cache's ``codec.params``, defaults filled in). Resumable: rerun the same call after an
     interruption. Verifies ``dst`` at the end; the summary's ``ok`` is false (and ``problems`` say why) when
-    the check or the sample comparison with the source fails.
+    the check or the sample comparison with the source fails. ``shard_frames``: frames per shard object of
+    DST's features arrays (0: unsharded; None: SRC's layout). A DST being resumed keeps its recorded layout.
 
     Raises ``ValueError`` for an unknown codec or bad parameters, or ``dst`` equal to ``src``;
     ``CacheFormatError`` when ``src`` is not a feature cache or ``dst`` exists and is not one;
@@ -102,8 +106,11 @@ def transcode_cache(src: str | os.PathLike[str], dst: str | os.PathLike[str], co
         raise CacheFormatError(f"SRC: {e}") from e
     target = replace(source.meta, codec=_target_spec(source, codec, codec_params or {}))
     _check_dst(dst, dst_opts, target, source)
+    layout = source.meta.layout
+    shards = int(layout.get("shard_frames", 0)) if shard_frames is None else shard_frames
     try:
-        writer = _PartWriter(dst, target, worker=WORKER, part_frames=2**62, storage_options=dst_opts)
+        writer = _PartWriter(dst, target, worker=WORKER, part_frames=2**62, storage_options=dst_opts,
+                             chunk_frames=int(layout.get("chunk_frames", CHUNK_FRAMES)), shard_frames=shards)
     except CacheLockedError as e:
         raise CacheLockedError(e.errno, f"another process is writing {dst} (a transcode or an extract into it); "
                                "wait for it to finish, then rerun the same command") from e

@@ -30,6 +30,7 @@ from .format import (
     LOCKS,
     PARTS,
     ROOT_KEY,
+    SHARD_FRAMES,
     ZSTD_LEVEL,
     CacheFormatError,
     CacheLockedError,
@@ -44,6 +45,7 @@ from .format import (
     parse_part_id,
     part_id,
     shard_record_key,
+    shard_rows,
     side_name,
 )
 from .reader import list_part_ids, open_array, open_store, read_json, read_part_attrs
@@ -73,6 +75,7 @@ class CacheWriter:
         intake_fingerprint: str | None = None,
         storage_options: dict | None = None,
         chunk_frames: int = CHUNK_FRAMES,
+        shard_frames: int = SHARD_FRAMES,
     ) -> None:
         if not worker or "/" in worker or parse_part_id(part_id(worker, 0)) != (worker, 0):
             raise ValueError(f"invalid worker label {worker!r}: use letters, digits, '_' or '-', no '/'")
@@ -92,12 +95,18 @@ class CacheWriter:
             tool_version=__version__,
             created=meta.created or now_iso(),
             intake_fingerprints=list(meta.intake_fingerprints),
+            layout={"chunk_frames": self.chunk_frames,
+                    "shard_frames": shard_rows(shard_frames, self.chunk_frames)},
         )
         if intake_fingerprint and intake_fingerprint not in requested.intake_fingerprints:
             requested.intake_fingerprints.append(intake_fingerprint)
         self._validate(requested)
         self.store = open_store(self.url, storage_options, read_only=False)
         self.meta = self._open_root(requested, intake_fingerprint)
+        # The cache's recorded layout wins over the requested one, so all parts of a cache share one layout
+        # (a cache written before layouts were recorded is unsharded).
+        self.chunk_frames = int(self.meta.layout.get("chunk_frames", self.chunk_frames))
+        self.shard_frames = int(self.meta.layout.get("shard_frames", 0))
         if read_json(self.store, f"{PARTS}/zarr.json") is None:
             with contextlib.suppress(ContainsGroupError):  # another worker may win the race: same content
                 zarr.create_group(store=self.store, path=PARTS)  # Zarr v3 has no implicit groups
@@ -401,7 +410,7 @@ class CacheWriter:
     def _write(self, pid: str, fits: list[dict[str, np.ndarray]] | None) -> None:
         # Protocol: 1. part zarr.json with committed=false, 2. arrays, 3. zarr.json with committed=true.
         # ``fits``: the worker's fit part instead: no utterances, the codec's fitted statistics per layer.
-        stage = _Stage(self.store, f"{PARTS}/{pid}")
+        stage = _Stage(self.store, f"{PARTS}/{pid}", self.shard_frames)
         own = fits is None
         feats = self._feats if own else []
         lengths = np.asarray([f.shape[1] for f in feats], dtype=np.int64)
@@ -459,8 +468,8 @@ class _Stage:
     checksums. Uploading keys concurrently beats zarr's create_array on S3 (a dozen round trips of parent
     checks per array; an upload is one per key)."""
 
-    def __init__(self, store: Store, path: str) -> None:
-        self.store, self.path = store, path
+    def __init__(self, store: Store, path: str, shard_frames: int = 0) -> None:
+        self.store, self.path, self.shard_frames = store, path, shard_frames
         self.mem = MemoryStore()
         self.group = zarr.create_group(store=self.mem, path=path, attributes={"committed": False})
         self.checksums: dict[str, str] = {}
@@ -472,12 +481,19 @@ class _Stage:
             arr = self.group.create_array(
                 name, shape=data.shape, dtype=data.dtype,
                 chunks=chunks or tuple(max(1, s) for s in data.shape),  # small arrays: one chunk
+                shards=self._shards(chunks),
                 compressors=compressors or [ZstdCodec(level=ZSTD_LEVEL)],
             )
             if data.size:
                 arr[...] = data
         keys = [k for name, *_ in items for k in _list_prefix(self.mem, f"{self.path}/{name}/")]
         _upload(self.mem, self.store, keys, drop=True)  # drop: keep only one layer staged at a time
+
+    def _shards(self, chunks: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        """Shard shape of a chunked (per-frame) array: ``shard_frames`` rows of whole chunks; None: unsharded."""
+        if not chunks or not self.shard_frames:
+            return None
+        return (self.shard_frames, *chunks[1:])
 
     def commit(self, attrs: dict[str, Any]) -> None:
         self.group.attrs.update(attrs)

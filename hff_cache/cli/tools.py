@@ -78,6 +78,8 @@ def transcode(
     codec_param: list[str] = typer.Option([], "--codec-param", help="Codec parameter KEY=VALUE (repeatable), "
                                           "e.g. block=32 for int4b/nf4b"),
     storage_option: list[str] = typer.Option([], "--storage-option", help="fsspec option key=value"),
+    shard_frames: int | None = typer.Option(None, help="Frames per stored object of a layer in DST (zarr "
+                                            "sharding); 0: unsharded; default: SRC's layout"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
 ) -> None:
@@ -89,7 +91,7 @@ def transcode(
     try:
         params = {k: parse_option_value(v) for k, v in (_key_value(t, "--codec-param") for t in codec_param)}
         summary = transcode_cache(src, dst, codec, codec_params=params, progress=bar,
-                                  storage_options=_storage_options(storage_option))
+                                  storage_options=_storage_options(storage_option), shard_frames=shard_frames)
     except (CacheFormatError, CacheMismatchError, CacheWriteError, OSError, ValueError) as exc:
         _fail(str(exc))
     finally:

@@ -175,7 +175,8 @@ def _open_run(cfg: ExtractConfig, encoder: SpeechEncoder | None, utts: Sequence[
                   "torch_threads": threads},
     )
     writer = CacheWriter(cfg.out, meta, worker=shard_worker(cfg.shard_index), part_frames=cfg.part_frames,
-                         intake_fingerprint=intake_fingerprint(utts), storage_options=cfg.storage_options)
+                         intake_fingerprint=intake_fingerprint(utts), storage_options=cfg.storage_options,
+                         shard_frames=cfg.shard_frames)
     return _Run(cfg, encoder, device, layers, writer)
 
 
