@@ -193,13 +193,12 @@ def render(rows: list[dict], cmd: str, machine: str) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    from hff_cache.runs.plots import plt, save_figure
+    from hff_cache.runs.plots import panels, save_figure
 
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    fig, axes = plt.subplots(1, max(len(shapes), 1), figsize=(5 * max(len(shapes), 1), 3.5), squeeze=False)
-    for ax, shape in zip(axes[0], shapes, strict=False):
-        rs = [r for r in rows if r["shape"] == shape and r["k"] != "online"]
-        ref = next((r for r in rows if r["shape"] == shape and r["k"] == "online"), None)
+    fig, grid = panels(rows, "shape")
+    for ax, shape, shape_rows in grid:
+        rs = [r for r in shape_rows if r["k"] != "online"]
+        ref = next((r for r in shape_rows if r["k"] == "online"), None)
         ax.plot([int(r["k"]) for r in rs], [r["step_s"] for r in rs], "o-", label="from layer K")
         if ref:
             ax.axhline(ref["step_s"], color="grey", ls="--", label="hff-adapters from audio")

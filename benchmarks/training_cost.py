@@ -277,12 +277,10 @@ def render(rows: list[dict], cmd: str, a: argparse.Namespace, machine: str) -> s
 
 
 def plot(rows: list[dict], path: str) -> None:
-    from hff_cache.runs.plots import plt, save_figure
+    from hff_cache.runs.plots import panels, save_figure
 
-    encs = list(dict.fromkeys(r["encoder"] for r in rows))
-    fig, axes = plt.subplots(1, max(len(encs), 1), figsize=(5 * max(len(encs), 1), 3.5), squeeze=False)
-    for ax, enc in zip(axes[0], encs, strict=False):
-        rs = [r for r in rows if r["encoder"] == enc]
+    fig, grid = panels(rows, "encoder")
+    for ax, enc, rs in grid:
         ax.bar([r["method"] for r in rs], [r["epoch_s"] for r in rs])
         ax.set(title=enc, ylabel="seconds per epoch (CPU)", yscale="log")
         ax.tick_params(axis="x", rotation=35)

@@ -17,6 +17,15 @@ __all__ = ["plot_curves", "plot_layer_weights", "plot_probe", "plt", "save_figur
 _LABELS = {"wer": "WER %", "cer": "CER %", "per": "PER %", "accuracy": "accuracy %"}
 
 
+def panels(rows: Sequence[dict[str, Any]], key: str, width: float = 5.0, height: float = 3.5
+           ) -> tuple[Any, list[tuple[Any, Any, list[dict[str, Any]]]]]:
+    """One subplot per distinct ``row[key]`` (an encoder, a shape), side by side: (figure, [(axes, value, rows)])."""
+    values = list(dict.fromkeys(r[key] for r in rows))
+    n = max(len(values), 1)
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, [(ax, v, [r for r in rows if r[key] == v]) for ax, v in zip(axes[0], values, strict=False)]
+
+
 def save_figure(fig: Any, path: str | Path) -> None:
     """Lay out, write (making the folder) and close: every PNG of the package and its benchmarks."""
     fig.tight_layout()
