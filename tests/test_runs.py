@@ -381,6 +381,9 @@ def test_summary_adds_groups_times_and_a_plot(cache: Path, trained: Path, tmp_pa
     logged = sum(float(r["seconds"]) for r in RunDir(trained).read_log())
     assert row["train_seconds"] == pytest.approx(logged) and row["train_seconds"] > 0
     assert row["decoder"] == "greedy" and row["wer[all]"] == pytest.approx(row["wer"])
+    records = CacheReader(str(cache)).shard_records()  # extraction records its wall time for the summary
+    assert row["extract_seconds"] == pytest.approx(sum(r["seconds"] for r in records)) and row["extract_seconds"] > 0
+    assert row["total_seconds"] == pytest.approx(row["train_seconds"] + row["extract_seconds"])
     assert {"wer[spk0]", "wer[spk1]", "cer[spk0]"} <= set(row)
     table = format_table([row], markdown=True)
     assert "wer[spk0]" in table and "train_seconds" in table

@@ -502,15 +502,22 @@ class _Stage:
 
 def record_shard_complete(url: str, worker: str, *, num_shards: int, shard_index: int, utterances: int,
                           intake_fingerprint: str, dataset_fingerprint: str,
-                          storage_options: dict | None = None) -> dict[str, Any]:
+                          storage_options: dict | None = None, seconds: float | None = None) -> dict[str, Any]:
     """Write ``shards/<worker>.json``: this shard has committed every one of its utterances.
 
     Call it only after the shard's last part is committed (the record is the shard's own commit marker).
-    One PUT / one atomic local write, so a reader sees the whole record or none."""
+    One PUT / one atomic local write, so a reader sees the whole record or none. ``seconds``: the wall time of
+    the extraction run that completed the shard (what a run's training time adds for its cache); None keeps a
+    rewritten record's earlier value."""
+    store = open_store(url, storage_options, read_only=False)
+    if seconds is None:
+        earlier = read_json(store, shard_record_key(worker))
+        seconds = earlier.get("seconds") if isinstance(earlier, dict) else None
     record = {"worker": worker, "shard_index": int(shard_index), "num_shards": int(num_shards),
               "utterances": int(utterances), "intake_fingerprint": intake_fingerprint,
               "dataset_fingerprint": dataset_fingerprint, "tool_version": __version__, "completed": now_iso()}
-    store = open_store(url, storage_options, read_only=False)
+    if seconds is not None:
+        record["seconds"] = round(float(seconds), 3)
     buf = default_buffer_prototype().buffer.from_bytes(json.dumps(record, indent=1).encode())
     sync(store.set(shard_record_key(worker), buf))
     return record

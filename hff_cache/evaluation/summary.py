@@ -48,22 +48,32 @@ def _probe_rows(run: Path) -> list[dict[str, Any]]:
 
 def _train_seconds(run: Path) -> dict[str, float]:
     """Wall seconds of every epoch in log.csv (validation included), plus the training cache's extraction time
-    where the cache recorded it: what the run cost from audio to model."""
+    where its shard records hold it: what the run cost from audio to model."""
     rd = RunDir(run)
     try:
         seconds = sum(float(r["seconds"]) for r in rd.read_log() if r.get("seconds"))
     except (OSError, ValueError, KeyError):
         return {}
     out = {"train_seconds": seconds}
-    try:
-        train_cache = rd.read_document().caches.get("train")
-    except RunError:
-        return out
-    extract = (train_cache.meta.get("extraction") or {}).get("seconds") if train_cache is not None else None
+    extract = _extraction_seconds(rd)
     if extract is not None:
-        out["extract_seconds"] = float(extract)
-        out["total_seconds"] = seconds + float(extract)
+        out["extract_seconds"] = extract
+        out["total_seconds"] = seconds + extract
     return out
+
+
+def _extraction_seconds(rd: RunDir) -> float | None:
+    """The training cache's extraction wall time: the sum over its shards' completion records (each shard's
+    completing run), or None when the cache cannot be opened or a record lacks it (caches of older versions)."""
+    from hff_cache.cache import CacheFormatError, CacheReader
+
+    try:
+        train = rd.read_document().caches.get("train")
+        records = CacheReader(train.url).shard_records() if train is not None else []
+    except (RunError, CacheFormatError, OSError, ValueError):  # a moved cache only leaves the column empty
+        return None
+    times = [r.get("seconds") for r in records]
+    return float(sum(times)) if times and all(t is not None for t in times) else None
 
 
 _METRICS = ("wer", "cer", "per", "accuracy")

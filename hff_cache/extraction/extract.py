@@ -129,8 +129,9 @@ def extract(cfg: ExtractConfig, encoder: SpeechEncoder | None = None) -> Extract
         _extract_todo(run, todo, report)  # commits what is buffered even when an error stops it
     else:
         run.writer.close()
-    _record_shard(cfg, utts, dataset_fp)  # only reached when every utterance was committed or skipped
     report.wall_seconds = time.perf_counter() - start
+    # only reached when every utterance was committed or skipped; a no-op rerun keeps the recorded time
+    _record_shard(cfg, utts, dataset_fp, report.wall_seconds if todo else None)
     return report
 
 
@@ -251,11 +252,12 @@ def shard_worker(shard_index: int) -> str:
     return f"w{shard_index:03d}"
 
 
-def _record_shard(cfg: ExtractConfig, utts: Sequence[Utterance], dataset_fp: str) -> None:
+def _record_shard(cfg: ExtractConfig, utts: Sequence[Utterance], dataset_fp: str,
+                  seconds: float | None = None) -> None:
     record_shard_complete(cfg.out, shard_worker(cfg.shard_index), num_shards=cfg.num_shards,
                           shard_index=cfg.shard_index, utterances=len(utts),
                           intake_fingerprint=intake_fingerprint(utts), dataset_fingerprint=dataset_fp,
-                          storage_options=cfg.storage_options)
+                          storage_options=cfg.storage_options, seconds=seconds)
 
 
 def _already_complete(cfg: ExtractConfig, utts: Sequence[Utterance], extra_ids: Sequence[str] = ()) -> bool:
