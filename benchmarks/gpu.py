@@ -26,10 +26,13 @@ from typing import Any
 
 import torch
 
-from hff_cache.config import ExtractConfig, TrainConfig
-from hff_cache.extraction.extract import extract
-from hff_cache.model.fusion import FusionConfig
-from hff_cache.testing import write_corpus
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training_cost import training_step  # noqa: E402
+
+from hff_cache.config import ExtractConfig, TrainConfig  # noqa: E402
+from hff_cache.extraction.extract import extract  # noqa: E402
+from hff_cache.model.fusion import FusionConfig  # noqa: E402
+from hff_cache.testing import write_corpus  # noqa: E402
 
 # random weights of the real shapes: the lent machine reaches no model hub, and cost does not depend on weights
 FULL = {"encoders": ["random:whisper-base", "random:wav2vec2-large"], "utts": 120, "seconds": 12.0, "steps": 10}
@@ -68,7 +71,7 @@ def measure_extraction(name: str, manifest: Path, work: Path, device: str, audio
 def time_steps(setup: Any, device: str, steps: int) -> float:
     """Seconds per utterance over ``steps`` training steps after one warm-up (forward, loss, backward, AdamW)."""
     model = setup.model.to(device).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    step = training_step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
     batches = []
     for b in setup.train.epoch(0):
         batches.append(b)
@@ -79,10 +82,7 @@ def time_steps(setup: Any, device: str, steps: int) -> float:
         b = batches[i % len(batches)].to(device)
         _sync(device)
         t0 = time.perf_counter()
-        loss = model.loss(model(b), b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step(b)
         _sync(device)
         if i:  # the first is the warm-up (allocator, kernels, optimizer state)
             elapsed += time.perf_counter() - t0

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training_cost import PeakRSS  # noqa: E402
+from training_cost import PeakRSS, training_step  # noqa: E402
 
 from hff_cache.runtime.threads import LoadWatch, warn_if_loaded  # noqa: E402
 
@@ -74,19 +74,14 @@ def child(shape: str, k: str, batch: int, seconds: float, steps: int, threads: i
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
-    def step() -> None:
-        loss = model.loss(model(b), b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = training_step(model, opt)
     activations = saved_for_backward_mb(model, b)
     times = []
     with PeakRSS() as mem:  # from before the first step: optimizer state, gradients, activations
-        step()  # warm-up: allocator, optimizer state
+        step(b)  # warm-up: allocator, optimizer state
         for _ in range(steps):
             t0 = time.perf_counter()
-            step()
+            step(b)
             times.append(time.perf_counter() - t0)
     return {"shape": shape, "k": k, "layers": top, "step_s": min(times), "mem_step_mb": mem.peak - mem.base,
             "activations_mb": activations, "peak_rss_mb": mem.peak,

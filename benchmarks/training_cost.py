@@ -85,7 +85,7 @@ def child(encoder_name: str, method: str, data: str, steps: int, batch_seconds: 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    step = _stepper(model, opt)
+    step = training_step(model, opt)
     step(batches[0])  # warm-up: allocator, optimizer state
     times = []
     with PeakRSS() as mem:
@@ -99,7 +99,9 @@ def child(encoder_name: str, method: str, data: str, steps: int, batch_seconds: 
             "mem_step_mb": mem.peak - mem.base, "peak_rss_mb": mem.peak}
 
 
-def _stepper(model: Any, opt: Any) -> Any:
+def training_step(model: Any, opt: Any) -> Any:
+    """One full training step on a batch (forward, loss, backward, optimizer): what every cost benchmark times."""
+
     def step(b: Any) -> None:
         loss = model.loss(model(b), b)
         opt.zero_grad(set_to_none=True)
@@ -144,7 +146,7 @@ def cached_child(encoder_name: str, cache: Path, batch_seconds: float) -> dict:
     model = setup.model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    step = _stepper(model, opt)
+    step = training_step(model, opt)
     step(next(iter(setup.train.epoch(0))))  # warm-up: allocator, optimizer state
 
     def timed(batches: Any) -> float:

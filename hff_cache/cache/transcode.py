@@ -53,19 +53,6 @@ FIT_FRAMES = 60_000  # frames (20 min at 50 Hz) of SRC, spread over it, that a c
 Progress = Callable[[int, int], None]  # (utterances done, including those committed before; total)
 
 
-class _PartWriter(CacheWriter):
-    """A ``CacheWriter`` that commits when told (never by size) and may be handed a part's statistics.
-
-    The writer's own statistics are of the values it is given: here the source's decode, after the source
-    codec's rounding. A whole source part's recorded sums are of the encoder output itself, so they are kept.
-    """
-
-    def commit(self, stats: tuple[np.ndarray, np.ndarray] | None) -> str | None:
-        if stats is not None:
-            self._sum, self._sumsq = (np.asarray(s, dtype=np.float64) for s in stats)
-        return self.flush()
-
-
 @dataclass
 class _Counts:
     already_done: int = 0
@@ -109,7 +96,8 @@ def transcode_cache(src: str | os.PathLike[str], dst: str | os.PathLike[str], co
     layout = source.meta.layout
     shards = int(layout.get("shard_frames", 0)) if shard_frames is None else shard_frames
     try:
-        writer = _PartWriter(dst, target, worker=WORKER, part_frames=2**62, storage_options=dst_opts,
+        # part_frames 2**62: a part is committed when a source part ends (_copy_parts), never by size
+        writer = CacheWriter(dst, target, worker=WORKER, part_frames=2**62, storage_options=dst_opts,
                              chunk_frames=int(layout.get("chunk_frames", CHUNK_FRAMES)), shard_frames=shards)
     except CacheLockedError as e:
         raise CacheLockedError(e.errno, f"another process is writing {dst} (a transcode or an extract into it); "
@@ -196,7 +184,7 @@ def _is_empty(store: Store) -> bool:
     return bool(sync(_empty()))
 
 
-def _copy_parts(source: CacheReader, writer: _PartWriter, progress: Progress | None) -> _Counts:
+def _copy_parts(source: CacheReader, writer: CacheWriter, progress: Progress | None) -> _Counts:
     """Copy every source part not yet committed in DST as one DST part, in the source's order."""
     done = writer.done_ids()
     skips = _skip_records(source)
@@ -220,7 +208,7 @@ def _copy_parts(source: CacheReader, writer: _PartWriter, progress: Progress | N
         for r in part_skips:
             writer.skip(r["id"], r["audio"], r["reason"])
         whole = _is_whole(source, part, todo)
-        writer.commit(_part_stats(source, part) if whole else None)
+        writer.flush(_part_stats(source, part) if whole else None)
         counts.transcoded += len(todo)
         counts.parts_restat += bool(todo) and not whole
     return counts

@@ -331,11 +331,17 @@ class CacheWriter:
             raise ValueError(f"cannot skip {utt_id!r}: its features are already in the cache {self.url}")
         self._pending_skips.append({"id": str(utt_id), "audio": str(audio), "reason": str(reason)})
 
-    def flush(self) -> str | None:
-        """Write and commit the buffered utterances and skip records as one part; returns its id."""
+    def flush(self, stats: tuple[np.ndarray, np.ndarray] | None = None) -> str | None:
+        """Write and commit the buffered utterances and skip records as one part; returns its id.
+
+        ``stats`` ((L, D) sums and sums of squares) replaces the part's statistics of the buffered values when
+        the caller knows better ones: transcode keeps a source part's sums of the encoder output itself, not
+        of its decode after the source codec's rounding."""
         self._check_open()
         if not self._ids and not self._pending_skips:
             return None
+        if stats is not None:
+            self._sum, self._sumsq = (np.asarray(s, dtype=np.float64) for s in stats)
         try:
             if self.codec.fit_suffixes and self._fit is None and self._frames:
                 self._write_fit_part()  # before the first part with frames, which names it

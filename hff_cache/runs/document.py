@@ -100,6 +100,16 @@ class EncoderRecord:
                 "grad_checkpointing": self.grad_checkpointing, "eval_mode": self.eval_mode, **self.counts}
 
     @classmethod
+    def of(cls, cfg: TrainConfig, encoder: Any) -> EncoderRecord:
+        """The record of ``encoder`` (its method set up) as run by ``cfg``: online and partial-caching runs."""
+        from hff_cache.model.adapters import METHODS, encoder_parameter_counts
+
+        return cls(name=cfg.model, info=encoder.info.to_dict(), method=cfg.method,
+                   bottleneck=cfg.bottleneck if METHODS[cfg.method].uses_adapters else None,
+                   grad_checkpointing=cfg.grad_checkpointing, eval_mode=True,
+                   counts=encoder_parameter_counts(encoder))
+
+    @classmethod
     def from_json(cls, d: dict[str, Any]) -> EncoderRecord:
         named = {f.name for f in fields(cls)} - {"counts"}
         counts = {k: int(v) for k, v in d.items() if k not in named}

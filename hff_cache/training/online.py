@@ -21,7 +21,7 @@ from hff_cache.config import TrainConfig
 from hff_cache.encoders import SpeechEncoder, load_encoder
 from hff_cache.intake.manifests import Utterance, intake_fingerprint, load_intake
 from hff_cache.intake.selection import spread_subset
-from hff_cache.model.adapters import METHODS, enable_grad_checkpointing, encoder_parameter_counts, setup_method
+from hff_cache.model.adapters import METHODS, enable_grad_checkpointing, setup_method
 from hff_cache.runs.document import EncoderRecord, RunDocument, RunError, TaskRecord
 from hff_cache.runtime import distributed
 from hff_cache.runtime.environment import environment
@@ -111,10 +111,8 @@ def prepare_online(cfg: TrainConfig, log: Callable[[str], None] = _log) -> tuple
     spec, model = build_model(cfg, task, cfg.fusion, enc.layers, enc.encoder.info.hidden_size, enc.encoder)
     train_src, valid_src, data_doc = _sources(cfg, enc.encoder, task, train, valid)
     valid_refs = dict(zip(valid[1].ids, valid[1].refs, strict=True)) if valid is not None else {}
-    counts = encoder_parameter_counts(enc.encoder)
-    record = EncoderRecord(name=cfg.model, info=enc.encoder.info.to_dict(), method=cfg.method,
-                           bottleneck=cfg.bottleneck if METHODS[cfg.method].uses_adapters else None,
-                           grad_checkpointing=cfg.grad_checkpointing, eval_mode=True, counts=counts)
+    record = EncoderRecord.of(cfg, enc.encoder)
+    counts = record.counts
     doc = RunDocument(mode="online", config=cfg, model=spec, task=TaskRecord.of(task), encoder=record,
                       data=data_doc, environment=environment(), world_size=distributed.current().world_size)
     log(f"online {cfg.method} on {cfg.model}: {len(train[1])} train / {len(valid_refs)} valid utterances "

@@ -19,7 +19,6 @@ from typing import Any
 from hff_cache.cache import CacheReader
 from hff_cache.config import TrainConfig
 from hff_cache.encoders import SpeechEncoder
-from hff_cache.model.adapters import encoder_parameter_counts
 from hff_cache.runs.document import EncoderRecord, RunDocument, RunError, TaskRecord
 from hff_cache.runtime import distributed
 from hff_cache.runtime.environment import environment
@@ -72,9 +71,8 @@ def prepare_partial(cfg: TrainConfig, log: Callable[[str], None] = _log) -> tupl
             check_partial_cache(reader, encoder, spec.cached_layers, what)
     src = cache_sources(cfg, task, spec.cached_layers, readers, labels)
     encoder.release_below(cfg.from_layer)  # the front end and layers 1..K never run here: free their weights
-    counts = encoder_parameter_counts(encoder)
-    record = EncoderRecord(name=cfg.model, info=encoder.info.to_dict(), method=cfg.method, bottleneck=cfg.bottleneck,
-                           grad_checkpointing=cfg.grad_checkpointing, eval_mode=True, counts=counts)
+    record = EncoderRecord.of(cfg, encoder)
+    counts = record.counts
     doc = RunDocument(mode="online", config=cfg, model=spec, task=TaskRecord.of(task), caches=src.records,
                       encoder=record, environment=environment(), world_size=distributed.current().world_size)
     log(f"partial caching, {cfg.method} on {cfg.model}: hidden states {spec.cached_layers} from {cfg.cache}, "
