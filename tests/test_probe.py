@@ -42,3 +42,40 @@ def test_probe_one_row_per_layer_reading_one_layer(tmp_path, monkeypatch):
                                       str(tmp_path / "probe"), "--epochs", "1"])
     assert result.exit_code == 0, result.output
     assert len(result.stdout.strip().splitlines()) == 5  # header + one line per layer
+    # which layer serves which task: one curve per probe folder (a classification probe's error is 100 - acc.)
+    gender = tmp_path / "probe_gender"
+    gender.mkdir()
+    (gender / "probe.csv").write_text("layer,accuracy\n0,60\n1,80\n2,75\n3,70\n")
+    png = tmp_path / "layers.png"
+    result = CliRunner().invoke(app, ["summary", str(tmp_path / "probe"), str(gender), "--plot-layers", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "probe_gender/layer_01" in result.stdout and png.stat().st_size > 1000
+    result = CliRunner().invoke(app, ["summary", str(tmp_path / "probe/layer_02"), "--plot-layers", str(png)])
+    assert result.exit_code != 0 and "no probe folder" in result.output
+
+
+def test_an_interrupted_probe_resumes_its_layer_instead_of_starting_over(tmp_path):
+    torch.set_num_threads(1)
+    cache = tiny_cache(tmp_path, [0.8, 1.0, 0.6, 1.2], ["AB", "BA", "ABBA", "B A"])
+    base = TrainConfig(cache=str(cache), valid_cache=str(cache), fusion=FusionConfig(width=16, blocks=1),
+                       epochs=2, batch_frames=300, threads=1, num_workers=1)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(msg: str) -> None:
+        if msg.startswith("epoch 1 "):
+            raise Stop  # the process dies after layer 0's first checkpoint
+
+    try:
+        probe(base, tmp_path / "probe", layers=[0], log=stop_after_first_epoch)
+    except Stop:
+        pass
+    first = (tmp_path / "probe/layer_00/log.csv").read_text().splitlines()
+    seen: list[str] = []
+    rows = probe(base, tmp_path / "probe", layers=[0], log=seen.append)
+    assert any(s.startswith("probe layer 0: resuming") for s in seen)
+    assert not any(s.startswith("epoch 1 ") for s in seen)  # epoch 1 is not trained again
+    log = (tmp_path / "probe/layer_00/log.csv").read_text().splitlines()
+    assert log[:len(first)] == first and len(log) == 3  # header, epoch 1 as it was, epoch 2
+    assert rows[0]["layer"] == 0

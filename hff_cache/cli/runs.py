@@ -224,20 +224,24 @@ def summary(
                                           "evaluation NAME (RUN/eval/NAME/metrics.json, from evaluate --group-by)"),
     plot: str | None = typer.Option(None, help="Also plot WER (or the task's metric) against training time, "
                                     "log axis, one point per run, into this PNG"),
+    plot_layers: str | None = typer.Option(None, help="Also plot each probe folder's error against the layer "
+                                           "(one curve per task, scaled 0 = its best layer) into this PNG"),
 ) -> None:
     """One table of the metrics of several runs (metrics.json) and probes (probe.csv): error rates, per group with
     --eval, trainable parameters, step time, peak memory, and training time (extraction included where the
     training cache recorded it)."""
-    from hff_cache.evaluation.summary import format_table, plot_time_against_error, summarize_runs
+    from hff_cache.evaluation.summary import format_table, plot_layer_profiles, plot_time_against_error, summarize_runs
 
     rows = summarize_runs(runs, evaluation)
     typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows, markdown=markdown))
-    if plot:
-        metric = next((k for k in ("wer", "per", "accuracy") if any(r.get(k) is not None for r in rows)), "wer")
-        try:
-            plot_time_against_error(rows, plot, metric)
-        except _train_errors() as exc:
-            _fail(str(exc))
+    try:
+        if plot:
+            metric = next((k for k in ("wer", "per", "accuracy") if any(r.get(k) is not None for r in rows)), "wer")
+            plot_time_against_error([r for r in rows if r.get("task") != "probe"], plot, metric)
+        if plot_layers:
+            plot_layer_profiles(rows, plot_layers)
+    except _train_errors() as exc:
+        _fail(str(exc))
 
 
 @app.command("tune-decoder")

@@ -109,6 +109,41 @@ def plot_time_against_error(rows: Sequence[dict[str, Any]], path: str | Path, me
     save_figure(fig, path)
 
 
+def layer_error(row: dict[str, Any]) -> float | None:
+    """A row's error in % whatever its task: WER (ASR), PER (phones) or 100 - accuracy (classification)."""
+    for key in ("wer", "per"):
+        if row.get(key) is not None:
+            return float(row[key])
+    return 100.0 - float(row["accuracy"]) if row.get("accuracy") is not None else None
+
+
+def plot_layer_profiles(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Which layer serves which task: one curve per probe folder, its error against the hidden state, scaled
+    to 0 at its best layer and 1 at its worst so that tasks with different error scales share the axes."""
+    from hff_cache.runs.plots import plt, save_figure
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        error = layer_error(r)
+        if r.get("task") == "probe" and error is not None:
+            folder = r["run"].rsplit("/", 1)[0]
+            curves.setdefault(folder.removeprefix("probe_"), []).append((int(r["fusion"].split(":")[1]), error))
+    if not curves:
+        raise RunError("no probe folder (probe.csv) among the runs: give the folders `hff-cache probe` wrote")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task, points in curves.items():
+        layers, errors = zip(*sorted(points), strict=True)
+        low, high = min(errors), max(errors)
+        scaled = [(e - low) / (high - low) if high > low else 0.0 for e in errors]
+        line, = ax.plot(layers, scaled, marker="o", label=f"{task} (best {low:.1f}%)")
+        ax.scatter([layers[errors.index(low)]], [0.0], s=120, facecolors="none", edgecolors=line.get_color())
+    ax.set(xlabel="hidden state (0 = embedding)", ylabel="error, scaled: 0 best layer, 1 worst",
+           title=title or "per-layer probe of each task (validation)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
 def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     groups = list(dict.fromkeys(k for r in rows for k in r if "[" in k))  # each metric's groups, in order
     cols = ["run", "task", "fusion", "method", "wer", "cer", "per", "accuracy", "decoder", *groups, "best_epoch",

@@ -29,7 +29,8 @@ def _log(msg: str) -> None:
 def probe(base: TrainConfig, out: str | Path, layers: Sequence[int] | None = None,
           log: Callable[[str], None] = _log) -> list[dict[str, Any]]:
     """Train ``base`` (its fusion becomes ``last`` over one layer) once per hidden state in ``layers``
-    (default: every stored one). A layer whose run already finished is reused unless ``base.force``."""
+    (default: every stored one). A layer whose run already finished is reused and an interrupted one resumed,
+    unless ``base.force``."""
     from hff_cache.cache import CacheReader
     from hff_cache.runs.plots import plot_probe
     from hff_cache.training.cached import train
@@ -47,8 +48,10 @@ def probe(base: TrainConfig, out: str | Path, layers: Sequence[int] | None = Non
         if metrics is not None:
             log(f"probe layer {k}: reusing {run}")
         else:
-            log(f"probe layer {k}: training {run}")
-            metrics = train(dataclasses.replace(cfg, force=True), log=log)
+            # an interrupted layer continues from its checkpoint; --force starts every layer over
+            resume = not base.force and RunDir(run).state_path().exists()
+            log(f"probe layer {k}: {'resuming' if resume else 'training'} {run}")
+            metrics = train(dataclasses.replace(cfg, force=not resume, resume=resume), log=log)
         row = {"layer": k, **{m: metrics[m] for m in _METRICS if m in metrics},
                "trainable_params": metrics["trainable_params"], "epoch_seconds": metrics["epoch_seconds"]}
         rows.append(row)

@@ -20,9 +20,11 @@
 #   3  character ASR from the cache: last / weighted / hierarchical / size-matched control (seed 0), and
 #      further seeds for the fusions whose rows lie within a point of each other (weighted, hierarchical).
 #   4  the other tasks from the same cache: phones (CTC), speaker id (speechocean762's speakers, each
-#      speaker's utterances split 4:1), gender and child/adult (speaker-disjoint: train vs held-out speakers);
-#      fusions last / hierarchical, seeds.
-#   5  the per-layer probe of every task (which layer serves which task).
+#      speaker's utterances split 4:1), gender and child/adult (speaker-disjoint: train vs held-out speakers).
+#      Per task, seed 0: the per-layer probe (which layer serves which task; its top layer is `last`) and
+#      hierarchical, both at $task_epochs epochs, so every probe row is a single-layer control of the same
+#      budget; then the ASR probe. About 2.5 h of one core on tiny.en.
+#   5  the same with seed 1 (without the ASR probe): the seed spread the fusion-against-best-layer claim needs.
 #   6  per-domain evaluation of every finished run not yet evaluated (RUN/eval/valid/metrics.json, groups by
 #      corpus); no marker, so a later pass evaluates the runs finished since.
 #   7  the paper's table on a 1-hour subset, per encoder (--online-encoders): online hff-adapters, full,
@@ -46,7 +48,7 @@ exp="${EXP:-$repo/runs/real_speech}"
 encoders="tiny.en base"
 seeds="0 1"
 epochs=20
-probe_epochs=8
+task_epochs=6   # stages 4-5: each probe layer and each non-ASR hierarchical run
 online_encoders="tiny.en base"  # stage 7: the paper's table per encoder
 online_data=1h                  # stage 7 trains on: 1h (an evenly spaced hour of train) | full
 all_methods="hff-adapters full hff-frozen adapters bitfit"  # the paper's headline pair first
@@ -63,13 +65,13 @@ while [ $# -gt 0 ]; do
     --encoders) encoders="$2"; shift 2 ;;
     --seeds) seeds="$2"; shift 2 ;;
     --epochs) epochs="$2"; shift 2 ;;
-    --probe-epochs) probe_epochs="$2"; shift 2 ;;
+    --task-epochs) task_epochs="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
     --online-encoders) online_encoders="$2"; shift 2 ;;
     --online-data) online_data="$2"; shift 2 ;;
     --online-methods) online_methods="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -135,43 +137,38 @@ for enc in $encoders; do
   fi
 done
 
-for enc in $encoders; do
-  c="$exp/caches/$enc"
-  if run_stage 4 "phones, speaker, gender, child/adult from the cache ($enc)" "$enc"; then
-    for seed in $seeds; do
-      for fusion in last hierarchical; do
-        common=(--fusion "$fusion" --seed "$seed")
-        train "$enc/phones_$fusion-s$seed" --task phones --labels "$exp/labels/phones.jsonl" \
-          --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" "${common[@]}"
-        train "$enc/speaker_$fusion-s$seed" --task classify:speaker --labels "$exp/labels/speaker_train.jsonl" \
-          --valid-labels "$exp/labels/speaker_valid.jsonl" --cache "$c/train.zarr" --valid-cache "$c/train.zarr" \
-          "${common[@]}"
-        for field in gender age_group; do
-          train "$enc/${field}_$fusion-s$seed" --task "classify:$field" --cache "$c/train.zarr" \
-            --valid-cache "$c/valid.zarr" "${common[@]}"
-        done
-      done
-    done
-    done_stage 4 "$enc"
-  fi
-done
+task_args() {  # task_args TASK ENC: the options that give one non-ASR task its labels and caches
+  local c="$exp/caches/$2"
+  case "$1" in
+    phones) echo --task phones --labels "$exp/labels/phones.jsonl" --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" ;;
+    speaker) echo --task classify:speaker --labels "$exp/labels/speaker_train.jsonl" \
+      --valid-labels "$exp/labels/speaker_valid.jsonl" --cache "$c/train.zarr" --valid-cache "$c/train.zarr" ;;
+    *) echo --task "classify:$1" --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" ;;
+  esac
+}
 
-for enc in $encoders; do
-  c="$exp/caches/$enc"
-  if run_stage 5 "per-layer probe of every task ($enc)" "$enc"; then
-    probe=(--epochs "$probe_epochs" --threads "$threads")
-    hff-cache probe --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" --out "$exp/$enc/probe_asr" "${probe[@]}"
-    hff-cache probe --task phones --labels "$exp/labels/phones.jsonl" --cache "$c/train.zarr" \
-      --valid-cache "$c/valid.zarr" --out "$exp/$enc/probe_phones" "${probe[@]}"
-    hff-cache probe --task classify:speaker --labels "$exp/labels/speaker_train.jsonl" \
-      --valid-labels "$exp/labels/speaker_valid.jsonl" --cache "$c/train.zarr" --valid-cache "$c/train.zarr" \
-      --out "$exp/$enc/probe_speaker" "${probe[@]}"
-    for field in gender age_group; do
-      hff-cache probe --task "classify:$field" --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" \
-        --out "$exp/$enc/probe_$field" "${probe[@]}"
-    done
-    done_stage 5 "$enc"
-  fi
+probe() {  # probe RUN [options...]: every layer of one task; finished layers reused, an interrupted one resumed
+  log "  probe $exp/$1"
+  hff-cache probe --out "$exp/$1" --epochs "$task_epochs" --threads "$threads" "${@:2}" > /dev/null
+}
+
+# which layer serves which task, and does fusing them beat the best one: each task's per-layer probe and its
+# hierarchical run at the same budget ($task_epochs), so a probe row is the size-matched single-layer control
+for stage_seed in 4:0 5:1; do
+  n="${stage_seed%:*}" seed="${stage_seed#*:}"
+  for enc in $encoders; do
+    if run_stage "$n" "phones, speaker, gender, child/adult and the ASR probe, seed $seed ($enc)" "$enc"; then
+      for task in gender age_group speaker phones; do
+        # shellcheck disable=SC2046  # task_args's words are options
+        probe "$enc/probe_$task-s$seed" $(task_args "$task" "$enc") --seed "$seed"
+        train "$enc/${task}_hierarchical-s$seed" $(task_args "$task" "$enc") --fusion hierarchical \
+          --epochs "$task_epochs" --seed "$seed"
+      done
+      [ "$seed" = 0 ] && probe "$enc/probe_asr-s0" --cache "$exp/caches/$enc/train.zarr" \
+        --valid-cache "$exp/caches/$enc/valid.zarr" --seed 0
+      done_stage "$n" "$enc"
+    fi
+  done
 done
 
 for enc in $encoders; do
