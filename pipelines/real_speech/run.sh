@@ -31,7 +31,8 @@
 #      hff-frozen, adapters, bitfit, and the cached last / hierarchical on the same subset (paired rows).
 #      Every method on all 3.4 hours does not fit this 2-core machine (docs/results.md); --online-data full
 #      runs them on all of it where it does.
-#   8  Whisper at its 30 s window: extract again with --whisper-window 30s, train last and hierarchical.
+#   8  Whisper at its 30 s window: the 1-hour subset and valid extracted again with --whisper-window 30s
+#      (6x the encoder work), last and hierarchical trained on them, paired with stage 7's cached rows.
 #   9  partial caching on the 1-hour subset (--online-encoders): hff-adapters --from-layer K for K = L/2 and 0,
 #      read from the same cache; K = L is stage 7's cached hierarchical row, adapters everywhere its online row.
 #  10  summary tables and figures (hff-cache summary) into $exp/report/.
@@ -107,7 +108,7 @@ for enc in $encoders; do
   if run_stage 1 "extract ($enc)" "$enc"; then
     for split in train valid; do
       hff-cache extract --model "faster-whisper:$enc" --data "$m/$split.jsonl" \
-        --out "$exp/caches/$enc/$split.zarr" --no-progress
+        --out "$exp/caches/$enc/$split.zarr" --threads "$threads" --no-progress
     done
     hff-cache info "$exp/caches/$enc/train.zarr"
     done_stage 1 "$enc"
@@ -209,15 +210,16 @@ for enc in $online_encoders; do
 done
 
 for enc in $encoders; do
-  if run_stage 8 "Whisper on its 30 s window ($enc)" "$enc"; then
+  if run_stage 8 "Whisper on its 30 s window, the 1-hour subset ($enc)" "$enc"; then
+    # paired with stage 7's cached rows: the same utterances, seed and settings, only the window differs
     c30="$exp/caches/$enc-30s"
-    for split in train valid; do
+    for split in train_1h valid; do
       hff-cache extract --model "faster-whisper:$enc" --whisper-window 30s --data "$m/$split.jsonl" \
-        --out "$c30/$split.zarr" --no-progress
+        --out "$c30/$split.zarr" --threads "$threads" --no-progress
     done
     for fusion in last hierarchical; do
-      train "$enc/window30s_asr_$fusion-s0" --cache "$c30/train.zarr" --valid-cache "$c30/valid.zarr" \
-        --fusion "$fusion" --seed 0
+      train "$enc/subset_window30s_asr_$fusion-s0" --cache "$c30/train_1h.zarr" --valid-cache "$c30/valid.zarr" \
+        --fusion "$fusion" --labels "$m/train_1h.jsonl" --valid-labels "$m/valid.jsonl" --seed 0
     done
     done_stage 8 "$enc"
   fi
