@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from hff_cache.cache import CacheLockedError, CacheReader, CacheWriteError, CacheWriter
 from hff_cache.cache.verify import verify_cache
@@ -106,24 +107,72 @@ def kill_at_random(cmd: list[str], out: Path, rng: random.Random, timeout: float
         err.close()
 
 
-def test_sigkill_mid_extraction_then_resume(corpus: tuple[Path, CacheReader], tmp_path: Path) -> None:
-    manifest, ref = corpus
-    out = tmp_path / "killed.zarr"
-    rng = random.Random(1234)
+def kill_twice(cmd: list[str], out: Path, rng: random.Random) -> None:
+    """CI: two kills in a row, the second one of a resumed run (the benchmark does 20+). After every kill what
+    was committed is intact and readable, and nothing committed is lost."""
     kills, seen = 0, 0
-    for _ in range(2):  # CI: two kills in a row, the second one of a resumed run (the benchmark does 20+)
-        what = kill_at_random(_cmd(manifest, out), out, rng)
+    for _ in range(2):
+        what = kill_at_random(cmd, out, rng)
         if what == "finished":
             break
         kills += 1
-        # After every kill: what was committed is intact and readable, and nothing committed is lost.
         rep = verify_cache(str(out))
         assert rep.ok, [str(p) for p in rep.problems]
         assert rep.utterances >= seen
         seen = rep.utterances
     assert kills == 2  # the run is long enough (about 14 parts) to be killed twice
+
+
+def test_sigkill_mid_extraction_then_resume(corpus: tuple[Path, CacheReader], tmp_path: Path) -> None:
+    manifest, ref = corpus
+    out = tmp_path / "killed.zarr"
+    kill_twice(_cmd(manifest, out), out, random.Random(1234))
     extract(_cfg(manifest, out), encoder=tiny_encoder("wav2vec2"))  # the last resume, in process: faster
     assert_same_cache(out, ref)
+
+
+# --- the same on sharded parts ----------------------------------------------------------------------------
+
+SHARD_CHUNK, SHARD_FRAMES = 16, 64  # 4 inner chunks a shard; a 100-frame part spans 2-3 shards a layer
+
+
+def start_sharded(out: Path, ref: CacheReader) -> None:
+    """Create the cache with a sharded layout of small chunks before extracting into it. extract's chunks are
+    2048 frames, more than these 100-frame parts, so its own shards would hold one inner chunk each; a writer
+    adopts the layout the cache recorded at creation, so every run below writes 64-frame shards of 16-frame
+    inner chunks."""
+    CacheWriter(str(out), ref.meta, chunk_frames=SHARD_CHUNK, shard_frames=SHARD_FRAMES).close()
+
+
+def assert_sharded(out: Path) -> None:
+    r = CacheReader(str(out))
+    assert r.meta.layout == {"chunk_frames": SHARD_CHUNK, "shard_frames": SHARD_FRAMES}
+    for p in r.parts():
+        arr = zarr.open_array(store=str(out), path=f"parts/{p.part_id}/layer_01", mode="r")
+        assert arr.shards == (SHARD_FRAMES, r.meta.encoder.hidden_size) and arr.chunks[0] == SHARD_CHUNK
+
+
+@pytest.fixture(scope="module")
+def sharded_reference(corpus: tuple[Path, CacheReader], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted in-process run of the corpus into a sharded cache."""
+    manifest, ref = corpus
+    out = tmp_path_factory.mktemp("faults_sharded") / "sharded.zarr"
+    start_sharded(out, ref)
+    extract(_cfg(manifest, out, shard_frames=SHARD_FRAMES), encoder=tiny_encoder("wav2vec2"))
+    assert_sharded(out)
+    return out
+
+
+def test_sigkill_mid_sharded_extraction_then_resume(corpus: tuple[Path, CacheReader], tmp_path: Path) -> None:
+    """Killed while writing shard objects, or anywhere else: committed sharded parts verify, and resuming ends
+    with the values of an uninterrupted run, still sharded."""
+    manifest, ref = corpus
+    out = tmp_path / "killed.zarr"
+    start_sharded(out, ref)
+    kill_twice(_cmd(manifest, out, "--shard-frames", str(SHARD_FRAMES)), out, random.Random(4321))
+    extract(_cfg(manifest, out, shard_frames=SHARD_FRAMES), encoder=tiny_encoder("wav2vec2"))
+    assert_same_cache(out, ref)
+    assert_sharded(out)
 
 
 def test_damaged_part_repair_and_killed_root_write(corpus: tuple[Path, CacheReader], tmp_path: Path) -> None:
@@ -141,6 +190,30 @@ def test_damaged_part_repair_and_killed_root_write(corpus: tuple[Path, CacheRead
     shutil.rmtree(victim)
     extract(_cfg(manifest, out), encoder=tiny_encoder("wav2vec2"))
     assert_same_cache(out, ref)
+
+
+def test_damaged_sharded_part_repair(corpus: tuple[Path, CacheReader], sharded_reference: Path,
+                                    tmp_path: Path) -> None:
+    """The documented repair on sharded parts: `verify` names the damaged part (and the rows and utterances of
+    the lost shard); delete the part and rerun the same command."""
+    import shutil
+
+    manifest, ref = corpus
+    out = tmp_path / "c.zarr"
+    shutil.copytree(sharded_reference, out)
+    victim = sorted((out / "parts").iterdir())[3]
+    shard = victim / "layer_01" / "c" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:-7])  # a power cut after the marker reached the disk: no shard index
+    rep = verify_cache(str(out))
+    assert {p.part for p in rep.problems} == {victim.name}
+    (p,) = rep.problems
+    assert p.kind == "unreadable" and p.array == "layer_01" and p.rows and p.rows[0][0] == 0
+    assert p.rows == [(0, min(SHARD_FRAMES, int(zarr.open_array(str(victim / "layer_01")).shape[0])))]
+    assert p.utterances and set(p.utterances) <= set(CacheReader(str(sharded_reference)).ids)
+    shutil.rmtree(victim)
+    extract(_cfg(manifest, out, shard_frames=SHARD_FRAMES), encoder=tiny_encoder("wav2vec2"))
+    assert_same_cache(out, ref)
+    assert_sharded(out)
 
 
 # --- full disk --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 from hff_cache.cache import CacheMeta, CacheWriter, CodecSpec, EncoderInfo
-from hff_cache.cache.format import array_checksum, crc32_update
+from hff_cache.cache.format import array_checksum, chunk_checksums, crc32_update
 from hff_cache.cache.verify import verify_cache
 
 D, LAYERS = 64, [0, 2]  # D: a multiple of int4b's block
@@ -44,9 +44,14 @@ def _rewrite(root: Path, pid_dir: Path, name: str, fn, fix_checksum: bool) -> No
     arr = zarr.open_array(str(pid_dir / name), mode="r+")
     values = fn(arr[...])
     arr[...] = values
-    if fix_checksum:
+    if fix_checksum:  # both checksums: the whole array's and, for chunked arrays, each chunk's
         g = zarr.open_group(str(pid_dir), mode="r+")
         g.attrs["checksums"] = {**g.attrs["checksums"], name: array_checksum(values)}
+        per_chunk = dict(g.attrs.get("chunk_checksums", {}))
+        if name in per_chunk:
+            rows = per_chunk[name]["rows"]
+            per_chunk[name] = {"rows": rows, "crc32": chunk_checksums(values, rows)}
+            g.attrs["chunk_checksums"] = per_chunk
 
 
 def _kinds(root: Path) -> list[tuple[str, str]]:

@@ -1,7 +1,10 @@
 """Integrity check of a feature cache: the index against the arrays, the commit-time checksums, NaN/Inf.
 
 ``verify_cache`` reads every committed part once, in chunk-sized row blocks (memory stays at one chunk per
-thread whatever the cache size), and reports every problem it finds instead of stopping at the first one.
+thread whatever the cache size; in a sharded part one inner chunk, not a whole shard), and reports every
+problem it finds instead of stopping at the first one. Damage in a features array is located: the rows
+(frames) of the chunks that do not decode, or whose checksum recorded at commit no longer matches, and the
+utterances that hold them.
 It never writes and takes no lock, so it is safe to run next to a live extraction (parts still being
 written are uncommitted and only listed as warnings).
 """
@@ -57,6 +60,9 @@ class Problem:
     message: str
     part: str | None = None
     array: str | None = None
+    # Where in the array, when known: half-open [start, stop) row (frame) ranges, and the utterances they hold.
+    rows: list[tuple[int, int]] = field(default_factory=list)
+    utterances: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         where = "/".join(x for x in (self.part, self.array) if x)
@@ -227,18 +233,25 @@ class _PartCheck:
     res: _PartResult = field(default_factory=_PartResult)
     index: dict[str, np.ndarray] = field(default_factory=dict)  # the index arrays, read whole
 
-    def bad(self, kind: str, msg: str, array: str | None = None) -> None:
-        self.res.problems.append(Problem(kind, msg, self.pid, array))
+    def bad(self, kind: str, msg: str, array: str | None = None, rows: list[tuple[int, int]] | None = None
+            ) -> None:
+        rows = rows or []
+        utts = _utts_in(self.index, rows) if rows and array and array.startswith("layer_") else []
+        if rows:
+            msg += f": {_rows_text(rows)}" + (f" ({_utts_text(utts)})" if utts else "")
+        self.res.problems.append(Problem(kind, msg, self.pid, array, rows, utts))
 
 
 def _check_part(store: Any, pid: str, attrs: dict, meta: CacheMeta, codec: Codec,
                 scan_values: bool) -> _PartResult:
     pc = _PartCheck(store, pid, codec, scan_values)
     n_utt, n_frames, sums = _read_marker(attrs, pc.bad)
+    per_chunk = attrs.get("chunk_checksums")
+    per_chunk = per_chunk if isinstance(per_chunk, dict) else {}  # absent in caches written before it existed
     for name, (shape, dtype) in _expected_arrays(meta, codec, n_utt, n_frames, sums).items():
         arr = _open_expected(pc, name, shape, dtype)
         if arr is not None:
-            _check_array(pc, name, arr, sums.get(name))
+            _check_array(pc, name, arr, sums.get(name), per_chunk.get(name))
     _check_index(pc.index, n_frames, pc.bad)
     if "ids" in pc.index:
         pc.res.ids = [str(x) for x in pc.index["ids"].tolist()]
@@ -299,25 +312,39 @@ def _open_expected(pc: _PartCheck, name: str, shape: tuple[int, ...] | None, dty
     return arr
 
 
-def _check_array(pc: _PartCheck, name: str, arr: Any, want: str | None) -> None:
-    """Read the array once: its checksum against the one recorded at commit, and NaN/Inf values."""
+def _check_array(pc: _PartCheck, name: str, arr: Any, want: str | None, want_chunks: Any = None) -> None:
+    """Read the array once: its checksums against the ones recorded at commit, and NaN/Inf values."""
     if want is None:
         pc.bad("checksum", "no checksum was recorded for this array at commit", name)
     pc.res.arrays += 1
     is_layer = name.startswith("layer_")
+    chunk_sums = _chunk_sums(want_chunks, arr)
+    if want_chunks is not None and chunk_sums is None:
+        pc.bad("checksum", "the chunk checksums recorded at commit do not fit the array (rows per chunk and one "
+               "crc32 per chunk expected)", name)
     try:
-        got, nonfinite = _scan(arr, pc.scan_values or not is_layer, pc.index if name in INDEX_ARRAYS else None,
-                               name)
-    except Exception as e:  # noqa: BLE001 - a chunk that does not decode (flipped bytes, truncated file)
+        scan = _scan(arr, pc.scan_values or not is_layer, pc.index if name in INDEX_ARRAYS else None, name,
+                     chunk_sums)
+    except Exception as e:  # noqa: BLE001 - an array read whole (index, side arrays) that does not decode
         pc.bad("unreadable", f"stored data cannot be read ({type(e).__name__}: {e})", name)
         return
-    if want is not None and got != want:
-        pc.bad("checksum", f"{CHECKSUM_ALGORITHM} {got} != {want} recorded at commit: the stored values changed "
-               "after the part was committed (corrupt or missing chunk file)", name)
+    if scan.unreadable:
+        pc.bad("unreadable", f"{sum(hi - lo for lo, hi in scan.unreadable)} row(s) cannot be read "
+               f"({scan.error})", name, scan.unreadable)
+    if scan.changed or (want is not None and scan.checksum is not None and scan.checksum != want):
+        lost = _missing_rows(arr, scan.changed)
+        got = scan.checksum or "(not all rows read)"
+        msg = (f"{CHECKSUM_ALGORITHM} {got} != {want} recorded at commit: the stored values changed after the "
+               "part was committed (corrupt or missing chunk file)")
+        if lost:
+            msg += f"; stored objects missing (read back as zeros) for {_rows_text(lost)}"
+        if scan.changed:
+            msg += "; chunks whose values changed"
+        pc.bad("checksum", msg, name, scan.changed or lost)
     if is_layer and pc.scan_values:
         pc.res.values += int(np.prod(arr.shape))
-    if nonfinite:
-        first, count = nonfinite
+    if scan.nonfinite:
+        first, count = scan.nonfinite
         who = _utt_at(pc.index, first) if is_layer else ""
         pc.bad("nonfinite", f"{count} NaN/Inf value(s), first at row {first}{who}", name)
 
@@ -334,25 +361,125 @@ def _side_layouts(codec: Codec, dim: int) -> dict[str, tuple[bool, tuple[int, ..
     return out
 
 
-def _scan(arr: Any, check_finite: bool, keep: dict[str, np.ndarray] | None, name: str
-          ) -> tuple[str, tuple[int, int] | None]:
-    """Checksum of an array (feature arrays read one chunk of rows at a time) and, if asked, the first row
-    and count of NaN/Inf values. Index arrays are kept whole in ``keep`` for the index checks."""
+@dataclass
+class _Scan:
+    checksum: str | None  # of the whole array; None when some rows could not be read
+    nonfinite: tuple[int, int] | None = None  # (first row, count) of NaN/Inf values
+    unreadable: list[tuple[int, int]] = field(default_factory=list)  # [start, stop) rows that did not decode
+    error: str = ""  # the first decode error
+    changed: list[tuple[int, int]] = field(default_factory=list)  # rows whose chunk checksum differs
+
+
+def _scan(arr: Any, check_finite: bool, keep: dict[str, np.ndarray] | None, name: str,
+          chunk_sums: tuple[int, list[str]] | None = None) -> _Scan:
+    """Checksums of an array (feature arrays read one chunk of rows at a time) and, if asked, the first row
+    and count of NaN/Inf values. Index arrays are kept whole in ``keep`` for the index checks.
+
+    A chunked array is read block by block, each block one chunk (an inner chunk of a sharded array: zarr then
+    fetches the shard's index and that chunk, never the whole shard), and a block that fails to decode is
+    recorded and skipped, so one damaged chunk blames its own rows and the rest of the array is still checked.
+    ``chunk_sums`` ((rows, crc32 per block) recorded at commit) locates values that decode but changed."""
     if arr.dtype.kind in "OUT" or keep is not None or arr.ndim == 0 or arr.shape[0] == 0:
         values = arr[...]
         if keep is not None:
             keep[name] = values
-        return array_checksum(values), (_nonfinite(values, 0) if check_finite else None)
-    step = max(1, int(arr.chunks[0]))
-    crc, first, count = 0, None, 0
-    for lo in range(0, arr.shape[0], step):
-        block = arr[lo:lo + step]
-        crc = crc32_update(crc, block)
+        return _Scan(array_checksum(values), _nonfinite(values, 0) if check_finite else None)
+    step = chunk_sums[0] if chunk_sums else max(1, int(arr.chunks[0]))
+    out = _Scan(None)
+    crc: int | None = 0
+    first, count = None, 0
+    for i, lo in enumerate(range(0, arr.shape[0], step)):
+        hi = min(lo + step, arr.shape[0])
+        try:
+            block = arr[lo:hi]
+        except Exception as e:  # noqa: BLE001 - flipped bytes, a truncated object, a shard index that fails its crc32c
+            _extend(out.unreadable, lo, hi)
+            out.error = out.error or f"{type(e).__name__}: {e}"
+            crc = None  # the whole-array checksum cannot be completed; the located problem says why
+            continue
+        if crc is not None:
+            crc = crc32_update(crc, block)
+        if chunk_sums and f"{crc32_update(0, block):08x}" != chunk_sums[1][i]:
+            _extend(out.changed, lo, hi)
         found = _nonfinite(block, lo) if check_finite else None
         if found:
             first = found[0] if first is None else first
             count += found[1]
-    return f"{crc:08x}", ((first, count) if first is not None else None)
+    out.checksum = f"{crc:08x}" if crc is not None else None
+    out.nonfinite = (first, count) if first is not None else None
+    return out
+
+
+def _extend(ranges: list[tuple[int, int]], lo: int, hi: int) -> None:
+    """Append rows [lo, hi) to sorted ranges, merging with the last one when they touch."""
+    if ranges and ranges[-1][1] == lo:
+        ranges[-1] = (ranges[-1][0], hi)
+    else:
+        ranges.append((lo, hi))
+
+
+def _chunk_sums(recorded: Any, arr: Any) -> tuple[int, list[str]] | None:
+    """(rows per block, crc32 per block) from a commit marker's ``chunk_checksums`` entry, or None when absent
+    or when it does not fit the array (the caller reports that)."""
+    if not isinstance(recorded, dict):
+        return None
+    rows, sums = recorded.get("rows"), recorded.get("crc32")
+    if not isinstance(rows, int) or rows < 1 or not isinstance(sums, list) or arr.ndim == 0:
+        return None
+    if len(sums) != -(-int(arr.shape[0]) // rows):
+        return None
+    return rows, [str(x) for x in sums]
+
+
+def _missing_rows(arr: Any, within: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Rows of the array's stored objects (chunks, or shards) that are absent from the store: zarr reads them
+    back as zeros (fill value), which is the likeliest cause of a checksum mismatch there. Only objects
+    overlapping ``within`` when given. Best effort: [] when the store cannot be listed."""
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        return []
+    rows = int((getattr(arr, "shards", None) or arr.chunks)[0])  # one stored object per shard when sharded
+    try:
+        prefix = arr.path.rstrip("/") + "/"
+        keys = set(sync(_list(arr.store, prefix)))
+        lost: list[tuple[int, int]] = []
+        for i, lo in enumerate(range(0, arr.shape[0], rows)):
+            hi = min(lo + rows, arr.shape[0])
+            if within and not any(a < hi and lo < b for a, b in within):
+                continue
+            key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+            if prefix + key not in keys:
+                _extend(lost, lo, hi)
+        return lost
+    except Exception:  # noqa: BLE001 - listing is a hint only (some object stores refuse it)
+        return []
+
+
+async def _list(store: Any, prefix: str) -> list[str]:
+    return [k async for k in store.list_prefix(prefix)]
+
+
+def _rows_text(rows: list[tuple[int, int]], most: int = 4) -> str:
+    text = ", ".join(f"{lo}-{hi - 1}" for lo, hi in rows[:most])
+    more = f" and {len(rows) - most} more range(s)" if len(rows) > most else ""
+    return f"rows {text}{more}"
+
+
+def _utts_in(index: dict[str, np.ndarray], rows: list[tuple[int, int]]) -> list[str]:
+    """Ids of the utterances whose frames overlap any of the row ranges (empty when the index is unusable)."""
+    try:
+        offsets, lengths, ids = (np.asarray(index[k]) for k in ("offsets", "lengths", "ids"))
+        hit = np.zeros(len(ids), bool)
+        for lo, hi in rows:
+            hit |= (offsets < hi) & (offsets + lengths > lo)
+        return [str(x) for x in ids[hit].tolist()]
+    except (KeyError, IndexError, ValueError, TypeError):
+        return []
+
+
+def _utts_text(utts: list[str], most: int = 5) -> str:
+    shown = ", ".join(repr(u) for u in utts[:most])
+    return f"utterance{'s' if len(utts) > 1 else ''} {shown}" + (f" and {len(utts) - most} more"
+                                                               if len(utts) > most else "")
 
 
 def _nonfinite(values: np.ndarray, row0: int) -> tuple[int, int] | None:

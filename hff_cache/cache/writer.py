@@ -40,6 +40,7 @@ from .format import (
     CodecSpec,
     array_checksum,
     check_compatible,
+    chunk_checksums,
     layer_name,
     now_iso,
     parse_part_id,
@@ -443,6 +444,7 @@ class CacheWriter:
             "num_frames": int(lengths.sum()),
             "checksum_algorithm": CHECKSUM_ALGORITHM,
             "checksums": stage.checksums,
+            "chunk_checksums": stage.chunk_checksums,
             "skipped": list(self._pending_skips) if own else [],
             "created": now_iso(),
         }
@@ -479,16 +481,19 @@ class _Stage:
         self.mem = MemoryStore()
         self.group = zarr.create_group(store=self.mem, path=path, attributes={"committed": False})
         self.checksums: dict[str, str] = {}
+        self.chunk_checksums: dict[str, dict[str, Any]] = {}  # chunked arrays: {"rows": R, "crc32": [...]}
         _upload(self.mem, self.store, [f"{path}/zarr.json"])
 
     def put(self, items: list[tuple[str, np.ndarray, tuple[int, ...] | None, list[Any] | None]]) -> None:
         for name, data, chunks, compressors in items:
             self.checksums[name] = array_checksum(data)
+            if chunks:  # per chunk of rows too (inner chunks when sharded): verify locates damage with them
+                self.chunk_checksums[name] = {"rows": int(chunks[0]), "crc32": chunk_checksums(data, chunks[0])}
             arr = self.group.create_array(
                 name, shape=data.shape, dtype=data.dtype,
                 chunks=chunks or tuple(max(1, s) for s in data.shape),  # small arrays: one chunk
                 shards=self._shards(chunks),
-                compressors=compressors or [ZstdCodec(level=ZSTD_LEVEL)],
+                compressors=compressors if compressors is not None else [ZstdCodec(level=ZSTD_LEVEL)],
             )
             if data.size:
                 arr[...] = data
