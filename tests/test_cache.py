@@ -470,3 +470,31 @@ def test_reading_a_cache_prints_no_warning_about_its_own_codecs(tmp_path: Path) 
     err = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True,
                          text=True).stderr
     assert "Numcodecs" not in err and "a real problem" in err
+
+
+@pytest.mark.parametrize("shard_frames", [0, 100])
+def test_the_readers_own_chunk_decoding_returns_zarrs_values_for_every_codec(tmp_path: Path,
+                                                                              shard_frames: int) -> None:
+    """The reader decodes the writer's chunks itself (zarr's pipeline cost as much as the decompression):
+    for every codec, unsharded and sharded, every row range equals what zarr reads, and the own path is
+    the one taken (a pipeline it did not know would silently fall back to zarr)."""
+    from hff_cache.cache import CODECS, CacheWriter, get_codec, transcode_cache
+    from hff_cache.cache.codecs import MAIN
+    from hff_cache.cache.reader import ChunkedRows, ShardedRows
+    from hff_cache.testing import tiny_cache
+
+    tiny = CacheReader(str(tiny_cache(tmp_path / "tiny")))
+    src = str(tmp_path / "src.zarr")
+    with CacheWriter(src, tiny.meta, chunk_frames=32) as w:  # several chunks per part
+        for i, x in enumerate(tiny.read_many(range(len(tiny)))):
+            w.add(tiny.ids[i], x.transpose(1, 0, 2), text=tiny.texts[i])
+    for name in CODECS:
+        params = {"block": 16} if "block" in get_codec(name).params else {}
+        dst = transcode_cache(src, str(tmp_path / f"{name}-{shard_frames}.zarr"), name, codec_params=params,
+                              shard_frames=shard_frames)["dst"]
+        rows = CacheReader(dst)._stored(0, 0)[MAIN]
+        assert isinstance(rows, ShardedRows if shard_frames else ChunkedRows), name
+        assert rows.decode is not None, f"{name}: the reader did not recognise the writer's pipeline"
+        n = int(rows.shape[0])
+        for sl in [slice(0, n), slice(5, 40), slice(31, 33), slice(n - 3, n), slice(7, 7), slice(0, n, 3)]:
+            np.testing.assert_array_equal(rows[sl], rows.arr[sl], err_msg=f"{name} {sl}")

@@ -14,6 +14,10 @@ MAIN = "layer"
 
 
 def _zstd_pipeline(level: int, shuffle_bytes: int = 0) -> list[Any]:
+    if level == 0:
+        # stored raw: reading a chunk is a copy, no decompression -- the loader's CPU time is zstd's on a
+        # CPU that also trains, for 1.2-1.25x the bytes (docs/results.md, "streaming")
+        return []
     if not shuffle_bytes:
         return [ZstdCodec(level=level)]
     # Byte shuffle groups the high (sign/exponent) bytes of float16 values, which zstd compresses much
