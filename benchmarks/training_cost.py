@@ -290,7 +290,7 @@ def render(rows: list[dict], cmd: str, a: argparse.Namespace, machine: str) -> s
             lines[-1] += (f". One encoder pass over the epoch (extraction) {base['extract_s']:.1f} s, so the bound "
                           f"for `hff-frozen` is **{bound:.1f}x**.")
             lines.append("")
-    lines += [machine, "", "![epoch time per method](../img/training_cost.png)", ""]
+    lines += [machine, "", f"![epoch time per method](../img/{Path(a.img).name})", ""]
     return "\n".join(lines)
 
 

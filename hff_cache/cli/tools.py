@@ -76,7 +76,8 @@ def transcode(
     dst: str = typer.Argument(..., help="New cache path or URL (rerun the same command to resume)"),
     codec: str = typer.Option(..., "--codec", help=f"{' | '.join(CODECS)} (docs/cache_format.md)"),
     codec_param: list[str] = typer.Option([], "--codec-param", help="Codec parameter KEY=VALUE (repeatable), "
-                                          "e.g. block=32 for int4b/nf4b"),
+                                          "e.g. block=32 for int4b/nf4b; level=0 stores raw chunks "
+                                          "(no zstd: bigger, streams without decompression)"),
     storage_option: list[str] = typer.Option([], "--storage-option", help="fsspec option key=value"),
     shard_frames: int | None = typer.Option(None, help="Frames per stored object of a layer in DST (zarr "
                                             "sharding); 0: unsharded; default: SRC's layout"),
