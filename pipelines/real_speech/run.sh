@@ -36,8 +36,9 @@
 #   9  partial caching on the 1-hour subset (--online-encoders): hff-adapters --from-layer K for K = L/2 and 0,
 #      read from the same cache; K = L is stage 7's cached hierarchical row, adapters everywhere its online row.
 #  10  summary tables and figures (hff-cache summary) into $exp/report/.
-#  11  cache v2 (issue 14): train and valid transcoded to tpca (0.25 B/value), `weighted` from them with the seeds
-#      of stage 3's fp16 rows, so each codec row is paired with an fp16 row of the same seed.
+#  11  cache v2 (issue 14): train and valid transcoded to tpca (0.25 B/value), `hierarchical` on the 1-hour
+#      subset from them and from fp16 with the same seeds (seed 0's fp16 row is stage 7's), so each codec row
+#      is paired with an fp16 row of the same seed and utterances.
 set -euo pipefail
 
 stage=0
@@ -241,16 +242,17 @@ for enc in $online_encoders; do
 done
 
 for enc in $encoders; do
-  if run_stage 11 "cache v2: weighted from tpca caches, paired with the fp16 rows ($enc)" "$enc"; then
+  if run_stage 11 "cache v2: hierarchical from tpca caches on the 1-hour subset, paired by seed ($enc)" "$enc"; then
     c="$exp/caches/$enc"
     for split in train valid; do
       hff-cache transcode "$c/$split.zarr" "$c/$split-tpca.zarr" --codec tpca --no-progress
     done
-    for seed in $seeds; do
-      train "$enc/asr_weighted-s$seed" --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" --fusion weighted \
-        --seed "$seed"
-      train "$enc/tpca_asr_weighted-s$seed" --cache "$c/train-tpca.zarr" --valid-cache "$c/valid-tpca.zarr" \
-        --fusion weighted --seed "$seed"
+    sub=(--labels "$m/train_1h.jsonl" --valid-labels "$m/valid.jsonl" --fusion hierarchical)
+    for seed in $seeds; do  # seed 0's fp16 row is stage 7's subset_asr_hierarchical-s0
+      train "$enc/subset_asr_hierarchical-s$seed" --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" \
+        "${sub[@]}" --seed "$seed"
+      train "$enc/subset_tpca_asr_hierarchical-s$seed" --cache "$c/train-tpca.zarr" \
+        --valid-cache "$c/valid-tpca.zarr" "${sub[@]}" --seed "$seed"
     done
     done_stage 11 "$enc"
   fi
