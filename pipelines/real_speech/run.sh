@@ -262,7 +262,9 @@ if run_stage 10 "summary tables and figures"; then
   mkdir -p "$exp/report"
   for enc in $encoders; do
     [ -d "$exp/$enc" ] || continue
-    hff-cache summary --markdown --eval valid --plot "$exp/report/wer_time_$enc.png" "$exp/$enc"/*/ \
-      | tee "$exp/report/summary_$enc.md"
+    layers=()  # which layer serves which task, once a probe has finished
+    compgen -G "$exp/$enc/probe_*/probe.csv" > /dev/null && layers=(--plot-layers "$exp/report/layers_$enc.png")
+    hff-cache summary --markdown --eval valid --plot "$exp/report/wer_time_$enc.png" "${layers[@]}" \
+      "$exp/$enc"/*/ | tee "$exp/report/summary_$enc.md"
   done
 fi
