@@ -105,6 +105,13 @@ def plot_time_against_error(rows: Sequence[dict[str, Any]], path: str | Path, me
         ax.scatter(seconds, value)
         ax.annotate(name, (seconds, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xscale="log", xlabel="training time, s (extraction included where recorded)", ylabel=metric.upper())
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    # 1-2-5 ticks in plain seconds: a log axis spanning less than a decade would show one label, or overlap
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.15)  # room for the right-most point's name
     ax.grid(alpha=0.3)
     save_figure(fig, path)
 
@@ -137,6 +144,9 @@ def plot_layer_profiles(rows: Sequence[dict[str, Any]], path: str | Path, title:
         scaled = [(e - low) / (high - low) if high > low else 0.0 for e in errors]
         line, = ax.plot(layers, scaled, marker="o", label=f"{task} (best {low:.1f}%)")
         ax.scatter([layers[errors.index(low)]], [0.0], s=120, facecolors="none", edgecolors=line.get_color())
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="hidden state (0 = embedding)", ylabel="error, scaled: 0 best layer, 1 worst",
            title=title or "per-layer probe of each task (validation)")
     ax.legend(fontsize=8)
