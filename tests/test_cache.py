@@ -24,6 +24,7 @@ from hff_cache.cache import (
     cache_id,
     check_compatible,
     get_codec,
+    verify_cache,
 )
 
 D = 64
@@ -183,7 +184,7 @@ def test_cache_round_trip(tmp_path, codec):
                 assert np.all(np.abs(y[:, j] - x[j]) <= scale / 2 * (1 + 1e-5) + 1e-6)
     assert r.texts[0] == f"text of {r.ids[0]}"
     assert r.metas[0] == {"speaker": r.ids[0][-1]}
-    assert r.verify() == []
+    assert verify_cache(r.url, scan_values=False).ok
 
 
 def test_read_many_equals_read_and_layer_subset(tmp_path):
@@ -416,7 +417,8 @@ def test_empty_cache_and_verify_detects_tampering(tmp_path):
     pid = r.parts()[0].part_id
     arr = zarr.open_array(str(tmp_path / "c" / "parts" / pid / "num_samples"), mode="r+")
     arr[0] = 12345
-    assert [p.split(":")[0] for p in CacheReader(str(tmp_path / "c")).verify()] == [f"{pid}/num_samples"]
+    assert [str(p).split(":")[0] for p in verify_cache(str(tmp_path / "c"), scan_values=False).problems] == [
+        f"{pid}/num_samples"]
 
 
 # --- S3 through moto --------------------------------------------------------------------------------------
@@ -451,7 +453,7 @@ def test_s3_round_trip(s3_endpoint):
     for i, uid in enumerate(r.ids):
         assert np.all(np.abs(got[i] - utts[uid].transpose(1, 0, 2)) <= bound[None])  # (T, L, D) vs (L, D)
     info = r.info()
-    assert info["utterances"] == 6 and info["bytes"] > 0 and r.verify() == []
+    assert info["utterances"] == 6 and info["bytes"] > 0 and verify_cache(r.url, opts, scan_values=False).ok
 
 
 def test_reading_a_cache_prints_no_warning_about_its_own_codecs(tmp_path: Path) -> None:
@@ -480,7 +482,7 @@ def test_the_readers_own_chunk_decoding_returns_zarrs_values_for_every_codec(tmp
     the one taken (a pipeline it did not know would silently fall back to zarr)."""
     from hff_cache.cache import CODECS, CacheWriter, get_codec, transcode_cache
     from hff_cache.cache.codecs import MAIN
-    from hff_cache.cache.reader import ChunkedRows, ShardedRows
+    from hff_cache.cache.rows import ChunkedRows, ShardedRows
     from hff_cache.testing import tiny_cache
 
     tiny = CacheReader(str(tiny_cache(tmp_path / "tiny")))

@@ -11,7 +11,8 @@ import zarr
 
 from hff_cache.cache import CODECS, CacheReader, CacheWriter, get_codec, transcode_cache, verify_cache
 from hff_cache.cache.codecs import MAIN
-from hff_cache.cache.reader import ShardedRows, decode_codes
+from hff_cache.cache.reader import decode_codes
+from hff_cache.cache.rows import ShardedRows
 from hff_cache.testing import tiny_cache
 
 CHUNK = 32  # small chunks, so that the tiny cache's parts span several of them

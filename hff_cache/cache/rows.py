@@ -1,0 +1,178 @@
+"""Row ranges of a part's ``layer_kk`` array, read and decoded by the cache itself where it knows the layout.
+
+The writer makes every features array 2-D with whole rows per chunk and one of two pipelines (bytes,
+optionally a byte shuffle, then zstd -- or raw bytes), unsharded or inside zarr's sharding codec. For those,
+``features_array`` returns ``ChunkedRows`` / ``ShardedRows``, which fetch what a row range needs and decode it
+with numcodecs; anything else is zarr's array, unchanged. Values always equal zarr's (tests/test_cache.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation, ZstdCodec
+from zarr.codecs.bytes import Endian
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import MemoryStore
+
+__all__ = ["ChunkedRows", "ShardedRows", "chunk_decoder", "features_array", "open_array"]
+
+
+def open_array(store: Store, path: str) -> zarr.Array:
+    return zarr.open_array(store=store, path=path, mode="r", zarr_format=3)  # zarr_format: no v2 probing
+
+
+_EMPTY = 2**64 - 1  # a shard index entry of an inner chunk that was never written
+
+
+def chunk_decoder(codecs: Sequence[Any], dtype: Any, chunk_shape: Sequence[int]) -> Any | None:
+    """A function from one stored chunk's bytes to its (chunk_shape) array, or None when the pipeline is not
+    one the writer makes (bytes, optionally a numcodecs byte shuffle, then zstd), which zarr then decodes.
+
+    Why not zarr: its asynchronous codec pipeline costs as much again as the decompression itself on a
+    loader's chunk (benchmarks/training_cost.py, docs/results.md); the bytes and the values are zarr's."""
+    import numcodecs
+
+    if not codecs or not isinstance(codecs[0], BytesCodec) or codecs[0].endian not in (Endian.little, None):
+        return None
+    steps = []
+    for codec in codecs[1:]:
+        config = getattr(codec, "codec_config", None)
+        if isinstance(codec, ZstdCodec):
+            steps.append(numcodecs.Zstd().decode)
+        elif getattr(codec, "codec_name", "") == "numcodecs.shuffle" and config and config.get("elementsize"):
+            steps.append(numcodecs.Shuffle(elementsize=int(config["elementsize"])).decode)
+        else:
+            return None
+    dt, shape = np.dtype(dtype).newbyteorder("<"), tuple(int(n) for n in chunk_shape)
+
+    def decode(data: Any) -> np.ndarray:
+        for step in reversed(steps):
+            data = step(data)
+        return np.frombuffer(data, dt).reshape(shape)
+
+    return decode
+
+
+class ChunkedRows:
+    """Row ranges of an unsharded 2-D features array: the chunks a slice needs fetched concurrently (one GET
+    each, as zarr does) and decoded by ``chunk_decoder``. Anything else, or a chunk never written (zarr fills
+    it), goes to zarr."""
+
+    def __init__(self, arr: zarr.Array, store: Store, path: str, decode: Any) -> None:
+        self.arr, self.store, self.path, self.decode = arr, store, path, decode
+        self.shape, self.dtype, self.chunks, self.shards = arr.shape, arr.dtype, arr.chunks, None
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        if not isinstance(rows, slice):
+            return np.asarray(self.arr[rows])
+        lo, hi, step = rows.indices(int(self.shape[0]))
+        if step != 1 or hi <= lo:
+            return np.asarray(self.arr[rows])
+        size = int(self.chunks[0])
+        first = lo // size
+        keys = [f"{self.path}/{self.arr.metadata.encode_chunk_key((k, 0))}" for k in range(first, (hi - 1) // size + 1)]
+
+        async def fetch() -> list[Any]:
+            return await asyncio.gather(*(self.store.get(key, default_buffer_prototype()) for key in keys))
+
+        out = np.empty((hi - lo, *self.shape[1:]), dtype=self.dtype)
+        for k, buf in enumerate(sync(fetch()), start=first):
+            a, z = max(lo, k * size), min(hi, (k + 1) * size)
+            if buf is None:
+                out[a - lo:z - lo] = self.arr[a:z]  # never written: zarr's fill value
+            else:
+                out[a - lo:z - lo] = self.decode(buf.to_bytes())[a - k * size:z - k * size]
+        return out
+
+
+class ShardedRows:
+    """Row ranges of a sharded features array (a ``layer_kk`` of a part written with ``shard_frames``) in two
+    GETs per shard touched: its index (kept), then one byte range spanning the inner chunks the rows need.
+    zarr itself issues one GET per inner chunk; here the fetched inner chunks are decoded by ``chunk_decoder``
+    (or, for a pipeline it does not know, by zarr from memory), so the values are zarr's. Anything but a
+    contiguous row slice goes to zarr unchanged."""
+
+    def __init__(self, arr: zarr.Array, store: Store, path: str, decode: Any | None = None) -> None:
+        self.arr, self.store, self.path, self.decode = arr, store, path, decode
+        self.shape, self.dtype, self.chunks, self.shards = arr.shape, arr.dtype, arr.chunks, arr.shards
+        self._per_shard = int(self.shards[0]) // int(self.chunks[0])  # inner chunks along the frame axis
+        self._index: dict[int, bytes] = {}
+        self._meta = arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        if not isinstance(rows, slice) or len(self.shape) != 2:
+            return np.asarray(self.arr[rows])
+        lo, hi, step = rows.indices(int(self.shape[0]))
+        if step != 1 or hi <= lo:
+            return np.asarray(self.arr[rows])
+        size = int(self.shards[0])
+        return np.concatenate([self._rows(s, max(lo, s * size), min(hi, (s + 1) * size))
+                               for s in range(lo // size, (hi - 1) // size + 1)])
+
+    def _rows(self, shard: int, lo: int, hi: int) -> np.ndarray:
+        key = f"{self.path}/{self.arr.metadata.encode_chunk_key((shard, 0))}"
+        index = self._shard_index(shard, key)
+        entries = np.frombuffer(index[:-4], "<u8").reshape(-1, 2)
+        chunk, base = int(self.chunks[0]), shard * int(self.shards[0])
+        first = (lo - base) // chunk
+        need = entries[first:(hi - 1 - base) // chunk + 1]
+        if (need[:, 0] == _EMPTY).any():
+            return np.asarray(self.arr[lo:hi])  # an unwritten inner chunk: zarr fills it
+        a, z = int(need[:, 0].min()), int((need[:, 0] + need[:, 1]).max())
+        span = sync(self.store.get(key, default_buffer_prototype(), RangeByteRequest(a, z)))
+        if span is None:
+            raise FileNotFoundError(f"{key} vanished while it was read")
+        data = span.to_bytes()
+        if self.decode is None:
+            blob = bytearray(z) + index  # the shard as far as needed: the span at its offsets, the index at the end
+            blob[a:z] = data
+            return self._decode(shard, bytes(blob), lo, hi)
+        start = base + first * chunk  # the first needed inner chunk's first row
+        parts = [self.decode(data[int(o) - a:int(o + n) - a]) for o, n in need]
+        return np.concatenate(parts)[lo - start:hi - start]
+
+    def _decode(self, shard: int, blob: bytes, lo: int, hi: int) -> np.ndarray:
+        mem = MemoryStore()
+        proto = default_buffer_prototype().buffer
+        sync(mem.set("zarr.json", self._meta))
+        sync(mem.set(self.arr.metadata.encode_chunk_key((shard, 0)), proto.from_bytes(blob)))
+        return np.asarray(zarr.open_array(store=mem, mode="r", zarr_format=3)[lo:hi])
+
+    def _shard_index(self, shard: int, key: str) -> bytes:
+        if shard not in self._index:
+            buf = sync(self.store.get(key, default_buffer_prototype(), SuffixByteRequest(16 * self._per_shard + 4)))
+            if buf is None:
+                raise FileNotFoundError(f"{key} is missing")
+            self._index[shard] = buf.to_bytes()
+        return self._index[shard]
+
+
+def features_array(store: Store, path: str) -> zarr.Array | ShardedRows | ChunkedRows:
+    """``layer_kk`` of a part, opened: as ``ChunkedRows`` (unsharded) or ``ShardedRows`` (sharded, with the shard
+    index at the end, as the writer stores it) where the array is 2-D with whole rows per chunk; else zarr's."""
+    arr = open_array(store, path)
+    if arr.metadata.zarr_format != 3 or arr.ndim != 2 or int(arr.chunks[1]) != int(arr.shape[1]):
+        return arr
+    codecs = arr.metadata.codecs
+    sharding = codecs[0] if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else None
+    if sharding is None:
+        decode = chunk_decoder(codecs, arr.dtype, arr.chunks)
+        return arr if decode is None else ChunkedRows(arr, store, path, decode)
+    if arr.shards is None or not _plain_index(sharding) or int(arr.shards[1]) != int(arr.chunks[1]):
+        return arr
+    return ShardedRows(arr, store, path, chunk_decoder(sharding.codecs, arr.dtype, arr.chunks))
+
+
+def _plain_index(sharding: ShardingCodec) -> bool:
+    """The shard index as zarr writes it by default: at the end, little-endian uint64 pairs, then a crc32c."""
+    codecs = sharding.index_codecs
+    return (sharding.index_location == ShardingCodecIndexLocation.end and len(codecs) == 2
+            and isinstance(codecs[0], BytesCodec) and codecs[0].endian in (Endian.little, None)
+            and isinstance(codecs[1], Crc32cCodec))
