@@ -88,7 +88,7 @@ class ChunkedRows:
             if buf is None:
                 out[a - lo:z - lo] = self.arr[a:z]  # never written: zarr's fill value
             else:
-                out[a - lo:z - lo] = self.decode(buf.to_bytes())[a - k * size:z - k * size]
+                out[a - lo:z - lo] = self.decode(buf.as_numpy_array())[a - k * size:z - k * size]  # no copy
         return out
 
 
@@ -129,10 +129,10 @@ class ShardedRows:
         span = sync(self.store.get(key, default_buffer_prototype(), RangeByteRequest(a, z)))
         if span is None:
             raise FileNotFoundError(f"{key} vanished while it was read")
-        data = span.to_bytes()
+        data = span.as_numpy_array()  # a view: each inner chunk is decoded from its slice of it
         if self.decode is None:
             blob = bytearray(z) + index  # the shard as far as needed: the span at its offsets, the index at the end
-            blob[a:z] = data
+            blob[a:z] = data.tobytes()
             return self._decode(shard, bytes(blob), lo, hi)
         start = base + first * chunk  # the first needed inner chunk's first row
         parts = [self.decode(data[int(o) - a:int(o + n) - a]) for o, n in need]
