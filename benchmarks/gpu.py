@@ -5,7 +5,9 @@ It measures, through the package's own code paths:
    wav2vec2-large shape (random weights): seconds of audio per wall second, into a real cache;
 2. a cached epoch against online steps: ``hierarchical`` from that cache (in RAM) and ``hff-adapters`` with the
    encoder in the loop, the same utterances, training steps timed after a warm-up: utterances per second;
-3. on-device decoding of the stored codes (``hff_cache.batches.device_decode``): each codec's codes resident on
+3. the cached epoch streamed through the loader against the same batches already on the device (the
+   compute floor);
+4. on-device decoding of the stored codes (``hff_cache.batches.device_decode``): each codec's codes resident on
    the device, an epoch of batches decoded there: values per second.
 
     bash benchmarks/gpu.sh            # on the GPU machine: writes $OUT/gpu.md and $OUT/gpu.jsonl
@@ -105,6 +107,34 @@ def measure_training(name: str, cache: Path, manifest: Path, device: str, steps:
             "online_over_cached": online_s / cached_s}
 
 
+def measure_streaming(name: str, cache: Path, device: str) -> dict:
+    """A cached ``hierarchical`` epoch streamed from the cache through the loader (decode threads on the host,
+    each batch moved to the device) against the same batches already on the device -- the fusion and head
+    alone, the compute floor (issue 14's goal: streamed within 1.2x of it)."""
+    from hff_cache.training.cached import prepare
+
+    cfg = TrainConfig(cache=str(cache), out=str(cache.parent / "run-stream"), device=device, in_memory="false",
+                      fusion=FusionConfig(kind="hierarchical"), batch_frames=12_000, num_workers=4, seed=0)
+    setup = prepare(cfg, log=lambda _m: None)
+    model = setup.model.to(device).train()
+    step = training_step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
+    step(next(iter(setup.train.epoch(0))).to(device))  # warm-up: kernels, allocator, optimizer state
+
+    def timed(batches: Any) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for b in batches:
+            step(b.to(device))
+        _sync(device)
+        return time.perf_counter() - t0
+
+    streamed = timed(setup.train.epoch(1))
+    on_device = [b.to(device) for b in setup.train.epoch(1)]
+    floor = timed(on_device)
+    return {"check": "stream", "encoder": name, "streamed_s": streamed, "floor_s": floor,
+            "streamed_over_floor": streamed / floor, "batches": len(on_device)}
+
+
 def measure_device_decode(cache: Path, device: str, small: bool) -> list[dict]:
     """Each codec with a torch decoder: the cache transcoded to it, its codes resident on ``device``, one epoch of
     batches decoded there (``CacheBatches`` with ``resident="codes"``): values decoded per second."""
@@ -152,6 +182,9 @@ def render(rows: list[dict], device: str) -> str:
             lines.append(f"| training step | {r['encoder']} | cached hierarchical {1 / r['cached_s_per_utt']:.0f} "
                          f"utt/s, online hff-adapters {1 / r['online_s_per_utt']:.1f} utt/s: "
                          f"{r['online_over_cached']:.1f}x |")
+        elif r["check"] == "stream":
+            lines.append(f"| cached epoch streamed | {r['encoder']} | {r['streamed_s']:.2f} s vs "
+                         f"{r['floor_s']:.2f} s with the batches on the device: {r['streamed_over_floor']:.2f}x |")
         elif "skipped" in r:
             lines.append(f"| {r['check']} | | not measured: {r['skipped']} |")
         else:
@@ -181,6 +214,7 @@ def main() -> None:
             row, cache = measure_extraction(name, manifest, work, device, sum(durations))
             rows.append(emit(out, row))
             rows.append(emit(out, measure_training(name, cache, manifest, device, plan["steps"])))
+            rows.append(emit(out, measure_streaming(name, cache, device)))
         rows += [emit(out, r) for r in measure_device_decode(cache, device, small=a.dry_run)]
     (out / "gpu.md").write_text(render(rows, device))
     print(render(rows, device))

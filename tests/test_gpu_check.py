@@ -21,6 +21,9 @@ def test_gpu_check_dry_run(tmp_path):
         {"tiny-random:whisper", "tiny-random:wav2vec2"}
     assert all(r["x_real_time"] > 0 and r["audio_s"] > 0 for r in extract)
     assert all(r["cached_s_per_utt"] > 0 and r["online_s_per_utt"] > 0 for r in train)
+    stream = [r for r in rows if r["check"] == "stream"]
+    assert {r["encoder"] for r in stream} == {r["encoder"] for r in train}
+    assert all(r["streamed_s"] > 0 and r["floor_s"] > 0 and r["batches"] > 0 for r in stream)
     from hff_cache.batches.device_decode import DECODERS
 
     decoded = {r["codec"]: r for r in rows if r["check"] == "device_decode"}
