@@ -278,6 +278,93 @@ def test_full_disk_simulated(corpus: tuple[Path, CacheReader], tmp_path: Path,
     assert_same_cache(out, ref)
 
 
+def _committed_files(out: Path) -> dict[str, bytes]:
+    """Every file of the committed parts of a local cache, by path: what a later run must leave alone."""
+    r = CacheReader(str(out))
+    return {str(f.relative_to(out)): f.read_bytes() for info in r.parts()
+            for f in sorted((out / "parts" / info.part_id).rglob("*")) if f.is_file()}
+
+
+def _tmpfs_bytes(root: Path) -> int:
+    """What a tmpfs holds for the files under ``root``: whole 4 KiB pages a file."""
+    return sum(-(-f.stat().st_size // 4096) * 4096 for f in root.rglob("*") if f.is_file())
+
+
+def assert_full_disk_lost_nothing(out: Path, sharded_reference: Path, total: int) -> dict[str, bytes]:
+    """After a write ran out of space: the cache verifies, some but not all utterances are committed, the part
+    being written was removed, and every committed utterance holds the uninterrupted run's values exactly (the
+    same batches wrote them). Returns the committed parts' files."""
+    rep = verify_cache(str(out))
+    assert rep.ok and 0 < rep.utterances < total, (rep.utterances, [str(p) for p in rep.problems])
+    assert rep.uncommitted_parts == []
+    r, full = CacheReader(str(out)), CacheReader(str(sharded_reference))
+    assert len(r) == rep.utterances
+    for uid in r.ids:
+        np.testing.assert_array_equal(r.read(uid), full.read(uid))
+    assert_sharded(out)
+    return _committed_files(out)
+
+
+def test_full_disk_tmpfs_sharded(corpus: tuple[Path, CacheReader], sharded_reference: Path,
+                                 small_tmpfs: Path) -> None:
+    """The real full disk on sharded parts: a tmpfs with room for about half of the sharded cache."""
+    manifest, ref = corpus
+    size_k = _tmpfs_bytes(sharded_reference) // 2 // 1024
+    subprocess.run(["mount", "-o", f"remount,size={size_k}k", str(small_tmpfs)], check=True)
+    out = small_tmpfs / "c.zarr"
+    start_sharded(out, ref)
+    run = subprocess.run(_cmd(manifest, out, "--shard-frames", str(SHARD_FRAMES)), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "the disk is full" in run.stderr and "Committed parts are intact" in run.stderr
+    assert "rerun the same command" in run.stderr and "Traceback" not in run.stderr
+    kept = assert_full_disk_lost_nothing(out, sharded_reference, len(ref))
+    # Free space, rerun: the cache completes, and the parts committed before the disk filled are untouched.
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_tmpfs)], check=True)
+    extract(_cfg(manifest, out, shard_frames=SHARD_FRAMES), encoder=tiny_encoder("wav2vec2"))
+    assert_same_cache(out, ref)
+    assert_sharded(out)
+    after = _committed_files(out)
+    assert {k: after.get(k) for k in kept} == kept
+
+
+def test_full_disk_simulated_sharded(corpus: tuple[Path, CacheReader], sharded_reference: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store runs out of space while writing a part's shard objects: the same contract without a mount."""
+    import re
+
+    from zarr.storage import LocalStore
+
+    manifest, ref = corpus
+    out = tmp_path / "c.zarr"
+    start_sharded(out, ref)
+    real_set = LocalStore.set
+    stored = sum(f.stat().st_size for f in sharded_reference.rglob("*") if f.is_file())
+    budget = {"left": stored // 2}
+    refused: list[str] = []
+
+    async def full_set(self, key, value):  # noqa: ANN001, ANN202
+        budget["left"] -= len(value)
+        if budget["left"] < 0:
+            refused.append(key)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", full_set)
+    enc = tiny_encoder("wav2vec2")
+    with pytest.raises(CacheWriteError) as ei:
+        extract(_cfg(manifest, out, shard_frames=SHARD_FRAMES), encoder=enc)
+    assert ei.value.errno == errno.ENOSPC and "Committed parts are intact" in str(ei.value)
+    assert any(re.fullmatch(r"parts/[^/]+/layer_\d+/c/\d+/\d+", k) for k in refused), refused  # a shard object
+    monkeypatch.setattr(LocalStore, "set", real_set)
+    kept = assert_full_disk_lost_nothing(out, sharded_reference, len(ref))
+    extract(_cfg(manifest, out, shard_frames=SHARD_FRAMES), encoder=enc)  # the failed writer released its lock
+    assert_same_cache(out, ref)
+    assert_sharded(out)
+    after = _committed_files(out)
+    assert {k: after.get(k) for k in kept} == kept
+
+
 # --- two extractions on one cache -------------------------------------------------------------------------
 
 _HOLDER = """
@@ -338,6 +425,31 @@ def test_two_extractions_at_once(corpus: tuple[Path, CacheReader], tmp_path: Pat
     assert verify_cache(str(out)).ok
     extract(_cfg(manifest, out), encoder=tiny_encoder("wav2vec2"))  # a no-op when both finished
     assert_same_cache(out, ref)
+
+
+def test_two_sharded_extractions_at_once(corpus: tuple[Path, CacheReader], tmp_path: Path) -> None:
+    """The same on a sharded cache: the lock still refuses the twin (or both finish), shard objects are never
+    corrupted by a second writer, and the result is one extraction's, still sharded."""
+    manifest, ref = corpus
+    out = tmp_path / "same.zarr"
+    start_sharded(out, ref)
+    cmd = _cmd(manifest, out, "--shard-frames", str(SHARD_FRAMES))
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    results = [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
+    codes = sorted(rc for rc, _, _ in results)
+    assert codes in ([0, 0], [0, 2]), results
+    for rc, _, err in results:
+        if rc == 2:
+            assert "being written by another process with worker label 'w000'" in err
+            assert "--shard-index" in err
+    rep = verify_cache(str(out))
+    assert rep.ok and rep.uncommitted_parts == [], [str(p) for p in rep.problems]
+    assert_same_cache(out, ref)  # complete already: the winner wrote everything, each utterance once
+    assert_sharded(out)
+    kept = _committed_files(out)
+    extract(_cfg(manifest, out, shard_frames=SHARD_FRAMES), encoder=tiny_encoder("wav2vec2"))  # a no-op
+    assert _committed_files(out) == kept
 
 
 # --- training ---------------------------------------------------------------------------------------------

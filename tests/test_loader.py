@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from hff_cache.batches.common import collate_targets
 from hff_cache.batches.from_cache import CacheBatches
@@ -149,3 +150,69 @@ def test_windows_are_float16_and_capped_in_bytes(setup, monkeypatch):
     assert all(b.feats.dtype == torch.float16 for b in batches)
     assert sum(b.num_frames for b in batches) == src.num_frames == int(src.lengths.sum())
     assert sorted(u for b in batches for u in b.ids) == sorted(data.ids)
+
+
+# --- a sharded cache --------------------------------------------------------------------------------------
+
+SHARD_CHUNK, SHARD_FRAMES = 16, 64  # 4 inner chunks a shard
+
+
+@pytest.fixture(scope="module")
+def layouts(cache, tmp_path_factory):
+    """{codec: (unsharded, sharded) readers} of the tiny cache's values in small chunks and several parts: the
+    unsharded fp16 rewrite, and transcodes of it to int8 (a codec with a torch decoder: codes stay resident)."""
+    from hff_cache.cache import CacheWriter, transcode_cache
+
+    root = tmp_path_factory.mktemp("loader_sharded")
+    tiny = CacheReader(cache)
+    flat = str(root / "fp16.zarr")
+    with CacheWriter(flat, tiny.meta, chunk_frames=SHARD_CHUNK, part_frames=200) as w:
+        for i, x in enumerate(tiny.read_many(range(len(tiny)))):
+            w.add(tiny.ids[i], x.transpose(1, 0, 2), text=tiny.texts[i], meta=tiny.metas[i],
+                  num_samples=int(tiny.num_samples[i]))
+    out = {"fp16": [flat, transcode_cache(flat, root / "fp16-sharded.zarr", "fp16", shard_frames=SHARD_FRAMES)]}
+    out["int8"] = [transcode_cache(flat, root / f"int8-{n}.zarr", "int8", shard_frames=n) for n in (0, SHARD_FRAMES)]
+    readers = {}
+    for name, (a, b) in out.items():
+        for s in (a, b):
+            assert isinstance(s, str) or s["ok"], s["problems"]
+        ra, rb = (CacheReader(s if isinstance(s, str) else s["dst"]) for s in (a, b))
+        assert ra.meta.layout == {"chunk_frames": SHARD_CHUNK, "shard_frames": 0}
+        assert rb.meta.layout == {"chunk_frames": SHARD_CHUNK, "shard_frames": SHARD_FRAMES}
+        assert len(ra.parts()) > 1 and ra.ids == rb.ids == tiny.ids
+        part = rb.parts()[0]
+        arr = zarr.open_array(store=rb.url, path=f"parts/{part.part_id}/layer_00", mode="r")
+        assert arr.shards == (SHARD_FRAMES, 32) and arr.chunks == (SHARD_CHUNK, 32)
+        assert arr.shape[0] > SHARD_FRAMES  # a part spans several shards
+        readers[name] = (ra, rb)
+    return readers
+
+
+@pytest.mark.parametrize(("codec", "in_memory"), [("fp16", False), ("fp16", True), ("int8", False), ("int8", True)])
+def test_sharded_cache_gives_the_same_batches(layouts, codec, in_memory):
+    """Training reads a sharded cache exactly as the unsharded one: the same batches, bit for bit, streamed and
+    resident (int8 in RAM: its stored codes, decoded by torch)."""
+    sources = []
+    for reader in layouts[codec]:
+        data = Task.from_labels("asr", reader).prepare(reader)
+        sources.append(CacheBatches(reader, data, ctc=True, in_memory=in_memory, batch_frames=150,
+                                    shuffle_frames=120, block_frames=50, seed=5, num_workers=2))
+    flat, sharded = sources
+    if in_memory:
+        assert flat.resident == sharded.resident == ("codes" if codec == "int8" else "fp16")
+    assert [b.tolist() for b in sharded.blocks] == [b.tolist() for b in flat.blocks] and len(flat.blocks) > 4
+    for epoch in (0, 1):
+        got, want = list(sharded.epoch(epoch)), list(flat.epoch(epoch))
+        assert len(got) == len(want) > 1
+        for g, w in zip(got, want, strict=True):
+            assert g.ids == w.ids
+            assert torch.equal(g.lengths, w.lengths)
+            assert torch.equal(g.targets, w.targets) and torch.equal(g.target_lengths, w.target_lengths)
+            assert g.feats.dtype == w.feats.dtype == torch.float16 and g.feats.shape == w.feats.shape
+            assert torch.equal(g.feats.view(torch.int16), w.feats.view(torch.int16))  # bit for bit
+        assert sorted(u for b in got for u in b.ids) == sorted(layouts[codec][0].ids)
+    # and the values are the cache's (not equally wrong on both sides)
+    reader = layouts[codec][1]
+    b = got[0]
+    np.testing.assert_array_equal(b.feats[0, : int(b.lengths[0])].numpy(),
+                                  reader.read(b.ids[0]).astype(np.float16))
