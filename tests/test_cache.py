@@ -500,3 +500,27 @@ def test_the_readers_own_chunk_decoding_returns_zarrs_values_for_every_codec(tmp
         n = int(rows.shape[0])
         for sl in [slice(0, n), slice(5, 40), slice(31, 33), slice(n - 3, n), slice(7, 7), slice(0, n, 3)]:
             np.testing.assert_array_equal(rows[sl], rows.arr[sl], err_msg=f"{name} {sl}")
+
+
+def test_a_damaged_shard_index_is_an_error_not_wrong_values(tmp_path: Path) -> None:
+    """Raw chunks have no checksum of their own: a shard index whose offset was changed would hand the reader
+    another chunk's bytes. The reader checks the index's crc32c as zarr does, and names the object."""
+    from hff_cache.cache import CacheWriter, transcode_cache
+    from hff_cache.testing import tiny_cache
+
+    tiny = CacheReader(str(tiny_cache(tmp_path / "tiny")))
+    src = str(tmp_path / "src.zarr")
+    with CacheWriter(src, tiny.meta, chunk_frames=32) as w:
+        for i, x in enumerate(tiny.read_many(range(len(tiny)))):
+            w.add(tiny.ids[i], x.transpose(1, 0, 2), text=tiny.texts[i])
+    dst = transcode_cache(src, str(tmp_path / "raw.zarr"), "fp16", codec_params={"level": 0},
+                          shard_frames=64)["dst"]
+    r = CacheReader(dst)
+    np.testing.assert_array_equal(r.read_many(range(len(r)))[0], tiny.read_many([0])[0])
+    shard = sorted(Path(dst).glob(f"parts/{r.parts()[0].part_id}/layer_00/c/*/*"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-4 - 16] ^= 0x40  # the last inner chunk's offset, inside the index; its crc32c left as it was
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard index is damaged") as err:
+        CacheReader(dst).read_many(range(len(r)))
+    assert str(shard.relative_to(dst)) in str(err.value)

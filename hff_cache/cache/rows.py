@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
@@ -150,7 +151,13 @@ class ShardedRows:
             buf = sync(self.store.get(key, default_buffer_prototype(), SuffixByteRequest(16 * self._per_shard + 4)))
             if buf is None:
                 raise FileNotFoundError(f"{key} is missing")
-            self._index[shard] = buf.to_bytes()
+            index = buf.to_bytes()
+            # zarr checks the index's crc32c; so must we: a damaged offset could otherwise point into the
+            # wrong chunk's bytes, and raw chunks would decode to wrong values without an error
+            if np.uint32(google_crc32c.value(index[:-4])).tobytes() != index[-4:]:
+                raise ValueError(f"{key}: the shard index is damaged (crc32c mismatch); `hff-cache verify` locates "
+                                 "the damage, and deleting the part and rerunning the extraction repairs it")
+            self._index[shard] = index
         return self._index[shard]
 
 
