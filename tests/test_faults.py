@@ -407,21 +407,24 @@ def test_same_worker_is_locked_out_and_a_crash_frees_the_lock(tmp_path: Path) ->
     assert len(CacheReader(str(fresh))) == 0
 
 
+def race_two_extractions(cmd: list[str]) -> None:
+    """Start ``cmd`` twice at once: both finish, or one is refused with the lock's message and its fix."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    results = [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
+    assert sorted(rc for rc, _, _ in results) in ([0, 0], [0, 2]), results
+    for rc, _, err in results:
+        if rc == 2:
+            assert "being written by another process with worker label 'w000'" in err
+            assert "--shard-index" in err
+
+
 def test_two_extractions_at_once(corpus: tuple[Path, CacheReader], tmp_path: Path) -> None:
     """Same cache, same worker, started together: one is refused (or both finish); never a corrupt cache.
     (Two shard workers at once: `benchmarks/faults.py`; the lock test above shows w001 is not blocked.)"""
     manifest, ref = corpus
     out = tmp_path / "same.zarr"
-    procs = [subprocess.Popen(_cmd(manifest, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    results = [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
-    codes = sorted(rc for rc, _, _ in results)
-    assert codes in ([0, 0], [0, 2]), results
-    for rc, _, err in results:
-        if rc == 2:
-            assert "being written by another process with worker label 'w000'" in err
-            assert "--shard-index" in err
+    race_two_extractions(_cmd(manifest, out))
     assert verify_cache(str(out)).ok
     extract(_cfg(manifest, out), encoder=tiny_encoder("wav2vec2"))  # a no-op when both finished
     assert_same_cache(out, ref)
@@ -433,16 +436,7 @@ def test_two_sharded_extractions_at_once(corpus: tuple[Path, CacheReader], tmp_p
     manifest, ref = corpus
     out = tmp_path / "same.zarr"
     start_sharded(out, ref)
-    cmd = _cmd(manifest, out, "--shard-frames", str(SHARD_FRAMES))
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    results = [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
-    codes = sorted(rc for rc, _, _ in results)
-    assert codes in ([0, 0], [0, 2]), results
-    for rc, _, err in results:
-        if rc == 2:
-            assert "being written by another process with worker label 'w000'" in err
-            assert "--shard-index" in err
+    race_two_extractions(_cmd(manifest, out, "--shard-frames", str(SHARD_FRAMES)))
     rep = verify_cache(str(out))
     assert rep.ok and rep.uncommitted_parts == [], [str(p) for p in rep.problems]
     assert_same_cache(out, ref)  # complete already: the winner wrote everything, each utterance once
