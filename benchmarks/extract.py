@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,7 +119,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     lines = [f"# Extraction: speed and size ({args.model}, {len(utts)} utterances, {audio_s / 60:.1f} min audio)", "",
-             f"Command: `python benchmarks/extract.py --model {args.model} --num-utts {args.num_utts}`", "",
+             f"Command: `python benchmarks/extract.py {' '.join(sys.argv[1:])}`", "",
              "| extractor | seconds | audio-s per s |", "|---|---:|---:|"]
     lines += [f"| {name} | {dt:.1f} | {rate:.1f} |" for name, dt, rate in rows]
     lines += ["", watch.line()]
