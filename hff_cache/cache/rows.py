@@ -61,14 +61,13 @@ def chunk_decoder(codecs: Sequence[Any], dtype: Any, chunk_shape: Sequence[int])
     return decode
 
 
-class ChunkedRows:
-    """Row ranges of an unsharded 2-D features array: the chunks a slice needs fetched concurrently (one GET
-    each, as zarr does) and decoded by ``chunk_decoder``. Anything else, or a chunk never written (zarr fills
-    it), goes to zarr."""
+class _Rows:
+    """What both row readers share: zarr's array for anything but a non-empty contiguous row slice, which
+    ``_range(lo, hi)`` reads."""
 
-    def __init__(self, arr: zarr.Array, store: Store, path: str, decode: Any) -> None:
+    def __init__(self, arr: zarr.Array, store: Store, path: str, decode: Any | None) -> None:
         self.arr, self.store, self.path, self.decode = arr, store, path, decode
-        self.shape, self.dtype, self.chunks, self.shards = arr.shape, arr.dtype, arr.chunks, None
+        self.shape, self.dtype, self.chunks, self.shards = arr.shape, arr.dtype, arr.chunks, arr.shards
 
     def __getitem__(self, rows: Any) -> np.ndarray:
         if not isinstance(rows, slice):
@@ -76,9 +75,25 @@ class ChunkedRows:
         lo, hi, step = rows.indices(int(self.shape[0]))
         if step != 1 or hi <= lo:
             return np.asarray(self.arr[rows])
+        return self._range(lo, hi)
+
+    def _range(self, lo: int, hi: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _key(self, i: int) -> str:
+        """The stored object of chunk (unsharded) or shard (sharded) ``i`` along the frame axis."""
+        return f"{self.path}/{self.arr.metadata.encode_chunk_key((i, 0))}"
+
+
+class ChunkedRows(_Rows):
+    """Row ranges of an unsharded 2-D features array: the chunks a slice needs fetched concurrently (one GET
+    each, as zarr does) and decoded by ``chunk_decoder``. Anything else, or a chunk never written (zarr fills
+    it), goes to zarr."""
+
+    def _range(self, lo: int, hi: int) -> np.ndarray:
         size = int(self.chunks[0])
         first = lo // size
-        keys = [f"{self.path}/{self.arr.metadata.encode_chunk_key((k, 0))}" for k in range(first, (hi - 1) // size + 1)]
+        keys = [self._key(k) for k in range(first, (hi - 1) // size + 1)]
 
         async def fetch() -> list[Any]:
             return await asyncio.gather(*(self.store.get(key, default_buffer_prototype()) for key in keys))
@@ -93,7 +108,7 @@ class ChunkedRows:
         return out
 
 
-class ShardedRows:
+class ShardedRows(_Rows):
     """Row ranges of a sharded features array (a ``layer_kk`` of a part written with ``shard_frames``) in two
     GETs per shard touched: its index (kept), then one byte range spanning the inner chunks the rows need.
     zarr itself issues one GET per inner chunk; here the fetched inner chunks are decoded by ``chunk_decoder``
@@ -101,24 +116,18 @@ class ShardedRows:
     contiguous row slice goes to zarr unchanged."""
 
     def __init__(self, arr: zarr.Array, store: Store, path: str, decode: Any | None = None) -> None:
-        self.arr, self.store, self.path, self.decode = arr, store, path, decode
-        self.shape, self.dtype, self.chunks, self.shards = arr.shape, arr.dtype, arr.chunks, arr.shards
+        super().__init__(arr, store, path, decode)
         self._per_shard = int(self.shards[0]) // int(self.chunks[0])  # inner chunks along the frame axis
         self._index: dict[int, bytes] = {}
         self._meta = arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
 
-    def __getitem__(self, rows: Any) -> np.ndarray:
-        if not isinstance(rows, slice) or len(self.shape) != 2:
-            return np.asarray(self.arr[rows])
-        lo, hi, step = rows.indices(int(self.shape[0]))
-        if step != 1 or hi <= lo:
-            return np.asarray(self.arr[rows])
+    def _range(self, lo: int, hi: int) -> np.ndarray:
         size = int(self.shards[0])
         return np.concatenate([self._rows(s, max(lo, s * size), min(hi, (s + 1) * size))
                                for s in range(lo // size, (hi - 1) // size + 1)])
 
     def _rows(self, shard: int, lo: int, hi: int) -> np.ndarray:
-        key = f"{self.path}/{self.arr.metadata.encode_chunk_key((shard, 0))}"
+        key = self._key(shard)
         index = self._shard_index(shard, key)
         entries = np.frombuffer(index[:-4], "<u8").reshape(-1, 2)
         chunk, base = int(self.chunks[0]), shard * int(self.shards[0])
