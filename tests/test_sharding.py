@@ -335,7 +335,7 @@ def test_a_nan_in_a_sharded_part_names_its_utterance(layouts: dict[str, Path], t
     g = zarr.open_group(str(part), mode="r+")
     g.attrs["checksums"] = {**g.attrs["checksums"], "layer_00": array_checksum(values)}
     g.attrs["chunk_checksums"] = {**g.attrs["chunk_checksums"],
-                                  "layer_00": {"rows": DMG_CHUNK, "crc32": chunk_checksums(values, DMG_CHUNK)}}
+                                  "layer_00": {"rows": DMG_CHUNK, "crc32": chunk_checksums(values, DMG_CHUNK)[1]}}
     (p,) = _located(root, "layer_00")
     (owner,) = _owners(part, [(100, 101)])
     assert p.kind == "nonfinite" and f"first at row 100 (utterance {owner!r})" in p.message

@@ -50,7 +50,7 @@ def _rewrite(root: Path, pid_dir: Path, name: str, fn, fix_checksum: bool) -> No
         per_chunk = dict(g.attrs.get("chunk_checksums", {}))
         if name in per_chunk:
             rows = per_chunk[name]["rows"]
-            per_chunk[name] = {"rows": rows, "crc32": chunk_checksums(values, rows)}
+            per_chunk[name] = {"rows": rows, "crc32": chunk_checksums(values, rows)[1]}
             g.attrs["chunk_checksums"] = per_chunk
 
 

@@ -239,15 +239,22 @@ def array_checksum(values: np.ndarray) -> str:
     return f"{crc32_update(0, values):08x}"
 
 
-def chunk_checksums(values: np.ndarray, rows: int) -> list[str]:
-    """crc32 (8 hex digits) of each block of ``rows`` rows of a chunked array, as ``array_checksum`` hashes
-    numbers. Recorded at commit next to the whole-array checksum so ``verify`` can say which chunk (and so which
-    utterances) changed, not only that the array did: a whole shard's worth of rows is too coarse to blame."""
-    return [f"{crc32_update(0, values[lo:lo + rows]):08x}" for lo in range(0, values.shape[0], max(1, rows))]
+def chunk_checksums(values: np.ndarray, rows: int) -> tuple[str, list[str]]:
+    """(``array_checksum`` of the whole, crc32 of each block of ``rows`` rows) of a chunked numeric array, in
+    one pass. The per-chunk ones are recorded at commit next to the whole-array checksum so ``verify`` can say
+    which chunk (and so which utterances) changed, not only that the array did: a whole shard's worth of rows
+    is too coarse to blame."""
+    whole, per_chunk = 0, []
+    for lo in range(0, values.shape[0], max(1, rows)):
+        block = values[lo:lo + rows]
+        whole = crc32_update(whole, block)
+        per_chunk.append(f"{crc32_update(0, block):08x}")
+    return f"{whole:08x}", per_chunk
 
 
 def crc32_update(crc: int, values: np.ndarray) -> int:
     """Continue a numeric array's crc32 with ``values`` (the next rows, in order): feeding an array in row
     blocks gives ``array_checksum`` of the whole, so ``verify`` never holds a whole layer in memory."""
     arr = np.ascontiguousarray(values)
-    return zlib.crc32(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(), crc) & 0xFFFFFFFF
+    arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+    return zlib.crc32(arr.reshape(-1).view(np.uint8), crc) & 0xFFFFFFFF  # the buffer itself, not a bytes copy

@@ -486,9 +486,11 @@ class _Stage:
 
     def put(self, items: list[tuple[str, np.ndarray, tuple[int, ...] | None, list[Any] | None]]) -> None:
         for name, data, chunks, compressors in items:
-            self.checksums[name] = array_checksum(data)
             if chunks:  # per chunk of rows too (inner chunks when sharded): verify locates damage with them
-                self.chunk_checksums[name] = {"rows": int(chunks[0]), "crc32": chunk_checksums(data, chunks[0])}
+                self.checksums[name], per_chunk = chunk_checksums(data, chunks[0])
+                self.chunk_checksums[name] = {"rows": int(chunks[0]), "crc32": per_chunk}
+            else:
+                self.checksums[name] = array_checksum(data)
             arr = self.group.create_array(
                 name, shape=data.shape, dtype=data.dtype,
                 chunks=chunks or tuple(max(1, s) for s in data.shape),  # small arrays: one chunk
