@@ -16,6 +16,7 @@ def summarize_runs(runs: Sequence[str | Path], evaluation: str | None = None) ->
     ``evaluation`` names an evaluation folder (``RUN/eval/<name>/metrics.json``, e.g. ``valid``): its metrics per
     group (``evaluate --group-by``) become columns such as ``wer[librispeech]``."""
     rows: list[dict[str, Any]] = []
+    extraction: dict[str, float | None] = {}  # per training cache: runs of one cache open it once
     for run in map(Path, runs):
         if (run / "probe.csv").exists():
             rows += _probe_rows(run)
@@ -31,7 +32,7 @@ def summarize_runs(runs: Sequence[str | Path], evaluation: str | None = None) ->
                **{k: m[k] for k in ("wer", "cer", "per", "accuracy", "best_epoch", "trainable_params",
                                     "trainable_encoder_params", "epoch_seconds", "step_time_ms", "peak_rss_mb")
                   if m.get(k) is not None}}
-        row.update(_train_seconds(run))
+        row.update(_train_seconds(run, extraction))
         if evaluation:
             row.update(_group_columns(run, evaluation))
         rows.append(row)
@@ -46,34 +47,42 @@ def _probe_rows(run: Path) -> list[dict[str, Any]]:
                  **{k: float(v) for k, v in r.items() if k != "layer" and v != ""}} for r in csv.DictReader(f)]
 
 
-def _train_seconds(run: Path) -> dict[str, float]:
+def _train_seconds(run: Path, extraction: dict[str, float | None]) -> dict[str, float]:
     """Wall seconds of every epoch in log.csv (validation included), plus the training cache's extraction time
-    where its shard records hold it: what the run cost from audio to model."""
+    where its shard records hold it: what the run cost from audio to model. ``extraction`` remembers each
+    cache's time across the runs of one summary."""
     rd = RunDir(run)
     try:
         seconds = sum(float(r["seconds"]) for r in rd.read_log() if r.get("seconds"))
     except (OSError, ValueError, KeyError):
         return {}
     out = {"train_seconds": seconds}
-    extract = _extraction_seconds(rd)
+    extract = _extraction_seconds(rd, extraction)
     if extract is not None:
         out["extract_seconds"] = extract
         out["total_seconds"] = seconds + extract
     return out
 
 
-def _extraction_seconds(rd: RunDir) -> float | None:
+def _extraction_seconds(rd: RunDir, known: dict[str, float | None]) -> float | None:
     """The training cache's extraction wall time: the sum over its shards' completion records (each shard's
     completing run), or None when the cache cannot be opened or a record lacks it (caches of older versions)."""
     from hff_cache.cache import CacheFormatError, CacheReader
 
     try:
         train = rd.read_document().caches.get("train")
-        records = CacheReader(train.url).shard_records() if train is not None else []
-    except (RunError, CacheFormatError, OSError, ValueError):  # a moved cache only leaves the column empty
+    except RunError:
         return None
-    times = [r.get("seconds") for r in records]
-    return float(sum(times)) if times and all(t is not None for t in times) else None
+    if train is None:
+        return None
+    if train.url not in known:
+        try:
+            records = CacheReader(train.url).shard_records()
+        except (CacheFormatError, OSError, ValueError):  # a moved cache only leaves the column empty
+            records = []
+        times = [r.get("seconds") for r in records]
+        known[train.url] = float(sum(times)) if times and all(t is not None for t in times) else None
+    return known[train.url]
 
 
 _METRICS = ("wer", "cer", "per", "accuracy")
