@@ -125,7 +125,7 @@ for enc in $encoders; do
   c="$exp/caches/$enc"
   if run_stage 3 "character ASR from the cache ($enc)" "$enc"; then
     asr=(--cache "$c/train.zarr" --valid-cache "$c/valid.zarr")
-    for fusion in last weighted hierarchical; do
+    for fusion in hierarchical last weighted; do  # the headline row first, so a cut-short budget has it
       train "$enc/asr_$fusion-s0" "${asr[@]}" --fusion "$fusion" --seed 0
     done
     train "$enc/asr_last-wide-s0" "${asr[@]}" --fusion last --width "$(control_width "$enc")" --seed 0
