@@ -111,3 +111,42 @@ def test_base_assembly_is_idempotent(tmp_path: Path) -> None:
     assert (st2.st_mtime_ns, st2.st_ino, st2.st_size) == (st.st_mtime_ns, st.st_ino, st.st_size)
     variables, _ = read_ctranslate2_model(model_bin, prefix="encoder/")  # parses to the end: complete
     assert variables["encoder/conv1/weight"].shape == (512, 80, 3)
+
+
+def test_exported_encoder_loads_the_same_weights(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hff_cache.cli import app
+
+    model_dir = _model_dir("tiny.en")
+    result = CliRunner().invoke(app, ["export-encoder", "faster-whisper:tiny.en", "--out", str(tmp_path / "enc")])
+    assert result.exit_code == 0, result.output
+    exported = tmp_path / "enc"
+    original, _ = read_ctranslate2_model(model_dir / "model.bin")
+    kept, aliases = read_ctranslate2_model(exported / "model.bin")
+    assert set(kept) == {k for k in original if k.startswith("encoder/")} and not aliases
+    assert (exported / "model.bin").stat().st_size < (model_dir / "model.bin").stat().st_size / 4
+    a, config_a, sha_a = load_whisper_encoder(model_dir)
+    b, config_b, sha_b = load_whisper_encoder(exported)
+    assert config_a.to_dict() == config_b.to_dict()
+    assert sha_b == sha_a  # the same encoder bytes keep the source's identity: its runs and caches load
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    bad = CliRunner().invoke(app, ["export-encoder", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "CTranslate2 model.bin" in bad.output
+
+    data = bytearray((exported / "model.bin").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one weight byte changed
+    (exported / "model.bin").write_bytes(bytes(data))
+    assert load_whisper_encoder(exported)[2] != sha_a  # a changed file no longer claims the source's identity
+
+
+def test_exported_folder_stands_in_for_a_missing_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FasterWhisperPackage(("hff-no-such-pkg",), ("hff_no_such_pkg_xyz",), "data")
+    monkeypatch.setitem(FASTER_WHISPER_PACKAGES, "fake", fake)
+    with pytest.raises(ModelNotFoundError, match="export-encoder"):
+        resolve_faster_whisper("fake")
+    home = tmp_path / "hff-home" / "models" / "faster-whisper-fake"  # HFF_CACHE_HOME, set by the fixture
+    home.mkdir(parents=True)
+    (home / "model.bin").write_bytes(b"stand-in")
+    assert resolve_faster_whisper("fake") == home

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -96,14 +97,17 @@ def resolve_faster_whisper(name: str) -> Path:
         )
         raise ModelNotFoundError(f"unknown faster-whisper model {name!r}; known models ({cmds})")
     dirs = [_package_dir(m) for m in pkg.modules]
+    out = _cache_root() / "models" / f"faster-whisper-{name}"
     if any(d is None for d in dirs):
+        if (out / "model.bin").is_file():  # assembled earlier, or carried here by `hff-cache export-encoder`
+            return out
         raise ModelNotFoundError(
-            f"faster-whisper model {name!r} is not installed; run: pip install {' '.join(pkg.pip_names)}"
+            f"faster-whisper model {name!r} is not installed; run: pip install {' '.join(pkg.pip_names)} "
+            f"(or put its `hff-cache export-encoder` folder at {out})"
         )
     data = [d / pkg.data_dir for d in dirs]  # type: ignore[operator]
     if not pkg.parts:
         return data[0]
-    out = _cache_root() / "models" / f"faster-whisper-{name}"
     out.mkdir(parents=True, exist_ok=True)
     pieces = [d / part for d, part in zip(data, pkg.parts, strict=True)]
     for extra in data[0].iterdir():  # config.json, tokenizer.json, vocabulary.txt, ...
@@ -122,6 +126,46 @@ def _read_str(f: BinaryIO) -> str:
     return f.read(n)[:-1].decode("utf-8")
 
 
+@dataclass(frozen=True)
+class _ModelIndex:
+    """A ``model.bin``'s header: where each variable's bytes lie, without reading them."""
+
+    spec: str
+    revision: int
+    variables: dict[str, tuple[tuple[int, ...], int, int, int]]  # name -> (shape, type id, offset, n_bytes)
+    aliases: dict[str, str]
+
+
+def _read_index(f: BinaryIO, path: Path) -> _ModelIndex:
+    (version,) = struct.unpack("<I", f.read(4))
+    if version != _BINARY_VERSION:
+        raise ValueError(f"{path}: unsupported CTranslate2 binary version {version}")
+    spec = _read_str(f)  # e.g. "WhisperSpec"
+    (revision,) = struct.unpack("<I", f.read(4))
+    (n_vars,) = struct.unpack("<I", f.read(4))
+    index = {}
+    for _ in range(n_vars):
+        name = _read_str(f)
+        (rank,) = struct.unpack("<B", f.read(1))
+        shape = struct.unpack(f"<{rank}I", f.read(4 * rank))
+        type_id, n_bytes = struct.unpack("<BI", f.read(5))
+        index[name] = (shape, type_id, f.tell(), n_bytes)
+        f.seek(n_bytes, os.SEEK_CUR)
+    (n_alias,) = struct.unpack("<I", f.read(4))
+    aliases = {_read_str(f): _read_str(f) for _ in range(n_alias)}
+    if f.read(1):
+        raise ValueError(f"{path}: trailing bytes after the alias table")
+    return _ModelIndex(spec, revision, index, aliases)
+
+
+def _read_bytes(f: BinaryIO, path: Path, name: str, offset: int, n_bytes: int) -> bytes:
+    f.seek(offset)
+    raw = f.read(n_bytes)
+    if len(raw) != n_bytes:
+        raise ValueError(f"{path}: truncated variable {name}")
+    return raw
+
+
 def read_ctranslate2_model(
     path: Path, prefix: str | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -130,42 +174,84 @@ def read_ctranslate2_model(
     With ``prefix`` only variables under it (and alias targets of aliases under it) are read.
     """
     path = Path(path)
-    index: dict[str, tuple[tuple[int, ...], int, int, int]] = {}
     with open(path, "rb") as f:
-        (version,) = struct.unpack("<I", f.read(4))
-        if version != _BINARY_VERSION:
-            raise ValueError(f"{path}: unsupported CTranslate2 binary version {version}")
-        _read_str(f)  # spec name, e.g. "WhisperSpec"
-        f.read(4)  # spec revision
-        (n_vars,) = struct.unpack("<I", f.read(4))
-        for _ in range(n_vars):
-            name = _read_str(f)
-            (rank,) = struct.unpack("<B", f.read(1))
-            shape = struct.unpack(f"<{rank}I", f.read(4 * rank))
-            type_id, n_bytes = struct.unpack("<BI", f.read(5))
-            index[name] = (shape, type_id, f.tell(), n_bytes)
-            f.seek(n_bytes, os.SEEK_CUR)
-        (n_alias,) = struct.unpack("<I", f.read(4))
-        aliases = {_read_str(f): _read_str(f) for _ in range(n_alias)}
-        if f.read(1):
-            raise ValueError(f"{path}: trailing bytes after the alias table")
-        wanted = {k for k in index if prefix is None or k.startswith(prefix)} | {
-            t for a, t in aliases.items() if prefix is None or a.startswith(prefix)
-        }
+        idx = _read_index(f, path)
+        wanted = _wanted(idx, prefix)
         variables = {}
-        for name in sorted(wanted, key=lambda k: index[k][2]):
-            shape, type_id, offset, n_bytes = index[name]
-            f.seek(offset)
-            raw = f.read(n_bytes)
-            if len(raw) != n_bytes:
-                raise ValueError(f"{path}: truncated variable {name}")
+        for name in sorted(wanted, key=lambda k: idx.variables[k][2]):
+            shape, type_id, offset, n_bytes = idx.variables[name]
+            raw = _read_bytes(f, path, name, offset, n_bytes)
             dtype = _DTYPES[type_id]
             if dtype == "bfloat16":
                 arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
             else:
                 arr = np.frombuffer(raw, dtype).copy()
             variables[name] = arr.reshape(shape)
-    return variables, aliases
+    return variables, idx.aliases
+
+
+def _wanted(idx: _ModelIndex, prefix: str | None) -> set[str]:
+    return {k for k in idx.variables if prefix is None or k.startswith(prefix)} | {
+        t for a, t in idx.aliases.items() if prefix is None or a.startswith(prefix)
+    }
+
+
+def _write_str(out: BinaryIO, text: str) -> None:
+    data = text.encode("utf-8") + b"\0"
+    out.write(struct.pack("<H", len(data)) + data)
+
+
+def export_encoder(name: str, dest: Path) -> Path:
+    """``faster-whisper:SIZE`` or a CTranslate2 folder -> ``dest``, the encoder alone (``write_encoder_only``)."""
+    if name.startswith("faster-whisper:"):
+        src = resolve_faster_whisper(name.removeprefix("faster-whisper:"))
+    elif (Path(name) / "model.bin").is_file():
+        src = Path(name)
+    else:
+        raise ModelNotFoundError(f"{name}: export-encoder takes faster-whisper:SIZE or a folder holding a "
+                                 "CTranslate2 model.bin (a transformers checkpoint folder travels as it is)")
+    return write_encoder_only(src, dest)
+
+
+def write_encoder_only(model_dir: Path, dest: Path) -> Path:
+    """Write ``dest/model.bin`` holding only the encoder's variables, byte for byte, and copy config.json.
+
+    A faster-whisper checkpoint is mostly decoder (base: 138 MiB, its encoder 40 MiB); the encoder alone is
+    what extraction and online training load, so this is what travels to a machine without the package.
+    The loader reads the folder like any CTranslate2 Whisper folder, with the same weights."""
+    model_dir, dest = Path(model_dir), Path(dest)
+    src = model_dir / "model.bin"
+    dest.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest, prefix=".model.bin.", suffix=".tmp")
+    try:
+        with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+            idx = _read_index(f, src)
+            names = sorted(_wanted(idx, "encoder/"), key=lambda k: idx.variables[k][2])
+            aliases = {a: t for a, t in idx.aliases.items() if a.startswith("encoder/")}
+            out.write(struct.pack("<I", _BINARY_VERSION))
+            _write_str(out, idx.spec)
+            out.write(struct.pack("<II", idx.revision, len(names)))
+            for name in names:
+                shape, type_id, offset, n_bytes = idx.variables[name]
+                _write_str(out, name)
+                out.write(struct.pack(f"<B{len(shape)}I", len(shape), *shape))
+                out.write(struct.pack("<BI", type_id, n_bytes))
+                out.write(_read_bytes(f, src, name, offset, n_bytes))
+            out.write(struct.pack("<I", len(aliases)))
+            for alias, target in aliases.items():
+                _write_str(out, alias)
+                _write_str(out, target)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest / "model.bin")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if (model_dir / "config.json").is_file():
+        _atomic_write(dest / "config.json", [model_dir / "config.json"])
+    record = {"source": str(model_dir), "source_sha256": _weights_identity(model_dir),
+              "sha256": _sha256(dest / "model.bin"), "kept": "encoder/ variables only"}
+    (dest / _EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return dest
 
 
 def _sha256(path: Path) -> str:
@@ -247,4 +333,20 @@ def load_whisper_encoder(
         raise ValueError(f"{model_bin}: state dict mismatch; missing={missing} unexpected={unexpected}")
     encoder.load_state_dict(sd, strict=True)
     encoder.to(dtype).eval()
-    return encoder, config, _sha256(model_bin)
+    return encoder, config, _weights_identity(Path(model_dir))
+
+
+_EXPORT_RECORD = "export.json"
+
+
+def _weights_identity(model_dir: Path) -> str:
+    """The sha256 of ``model.bin``, or for a folder ``write_encoder_only`` made, its source's: the encoder's
+    bytes are the same, so runs and caches made from either load with the other. The record is trusted only
+    while it names this very file's hash."""
+    sha = _sha256(model_dir / "model.bin")
+    record = model_dir / _EXPORT_RECORD
+    if record.is_file():
+        exported = json.loads(record.read_text())
+        if exported.get("sha256") == sha:
+            return str(exported["source_sha256"])
+    return sha
