@@ -145,22 +145,45 @@ def manifest(
     tag: list[str] = typer.Option([], help="FIELD=VALUE added to every row (repeatable), e.g. corpus=librispeech: "
                                   "`evaluate --group-by FIELD` then reports each value apart"),
     max_utts: int | None = typer.Option(None, help="Keep N utterances of the selection, evenly spaced in id order"),
+    copy_audio: str | None = typer.Option(None, "--copy-audio", help="Copy the selection's audio into DIR as "
+                                          "<id>.<ext> (resumable); the manifest points at the copies, relative "
+                                          "to its folder when DIR lies inside it"),
+    audio_format: str = typer.Option("flac", help="With --copy-audio: flac | wav (source sample rate) | opus "
+                                     "(Ogg Opus; 8/12/16/24/48 kHz kept, other rates resampled to 16 kHz)"),
+    bitrate: float | None = typer.Option(None, help="With --audio-format opus: target kbit/s, 16 if not given "
+                                         "(libsndfile takes 6 to 256)"),
+    jobs: int = typer.Option(1, help="With --copy-audio: files encoded in parallel"),
 ) -> None:
     """Write a JSONL manifest of (a selection of) DATA: some speakers, a per-speaker utterance split, or a
-    balanced set of held-out speakers."""
+    balanced set of held-out speakers; with --copy-audio, also copies of its audio (e.g. compact Opus to
+    upload, decoded back to FLAC on arrival)."""
+    from pathlib import Path
+
+    from hff_cache.intake.audio import AudioError
+    from hff_cache.intake.copy_audio import copy_audio as run_copy
     from hff_cache.intake.manifests import IntakeError
     from hff_cache.intake.selection import select_utterances
     from hff_cache.tasks.task import write_jsonl
 
+    if copy_audio is None and (audio_format != "flac" or bitrate is not None or jobs != 1):
+        _fail("--audio-format, --bitrate and --jobs go with --copy-audio DIR")
     try:
         rows = select_utterances(data, speakers=speakers.split(",") if speakers else None, holdout=holdout,
                                  take=take, holdout_speakers=holdout_speakers,
                                  balance=balance.split(",") if balance else (), seed=seed, max_utts=max_utts)
         tags = dict(_key_value(t, "--tag") for t in tag)
-    except (IntakeError, ValueError) as exc:
+        if copy_audio is not None:
+            rows = run_copy(rows, copy_audio, audio_format=audio_format, bitrate_kbps=bitrate, jobs=jobs,
+                            relative_to=Path(out).resolve().parent)
+    except (AudioError, IntakeError, OSError, ValueError) as exc:
         _fail(str(exc))
     n = write_jsonl(({**row, **tags} for row in rows), out)
-    typer.echo(f"{out}: {n} utterances, {sum(r['duration'] for r in rows) / 60:.1f} min")
+    seconds = sum(r["duration"] for r in rows)
+    typer.echo(f"{out}: {n} utterances, {seconds / 60:.1f} min")
+    if copy_audio is not None:
+        size = sum((Path(out).parent / r["audio"]).stat().st_size for r in rows)  # an absolute path stays one
+        typer.echo(f"{copy_audio}: {n} audio files ({size / 1e6:.1f} MB, "
+                   f"{size * 8 / 1000 / max(seconds, 1e-9):.1f} kbit/s average)")
 
 
 labels_app = typer.Typer(no_args_is_help=True, help="Make label files (JSONL keyed by utterance id).")
