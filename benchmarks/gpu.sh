@@ -7,12 +7,6 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-.}"
-py="$(command -v python3 || command -v python)"
-# The lent machine has torch but no package index: install the rest from the carried .gpu_wheels/
-# (`make gpu-wheels`, then run with carry [".gpu_wheels"]).
-if ! "$py" -c "import zarr, numcodecs, jiwer, soundfile, soxr" 2>/dev/null; then
-  "$py" -m pip install -q --no-index --no-deps --find-links "$here/../.gpu_wheels" \
-    zarr numcodecs donfig google-crc32c jiwer rapidfuzz soundfile soxr
-fi
-export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source "$here/../pipelines/gpu_env.sh"
+gpu_env "$(cd "$here/.." && pwd)"
 timeout 480 "$py" "$here/gpu.py" --out "$out" "$@"

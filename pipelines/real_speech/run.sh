@@ -5,6 +5,7 @@
 #   pipelines/real_speech/run.sh                               # every stage
 #   pipelines/real_speech/run.sh --stage 3 --stop-stage 3      # one stage
 #   pipelines/real_speech/run.sh --encoders tiny.en            # one encoder
+#   pipelines/real_speech/run.sh --jobs 4                      # up to 4 training runs at once per stage
 #
 # Every stage leaves a done-marker ($exp/.done/stage-N[-ENC]); a finished stage is skipped on a rerun, and
 # every run inside a stage resumes where it stopped (extraction skips committed utterances, training runs
@@ -27,8 +28,9 @@
 #   5  the same with seed 1 (without the ASR probe): the seed spread the fusion-against-best-layer claim needs.
 #   6  per-domain evaluation of every finished run not yet evaluated (RUN/eval/valid/metrics.json, groups by
 #      corpus); no marker, so a later pass evaluates the runs finished since.
-#   7  the paper's table on a 1-hour subset, per encoder (--online-encoders): online hff-adapters, full,
-#      hff-frozen, adapters, bitfit, and the cached last / hierarchical on the same subset (paired rows).
+#   7  the paper's table on a 1-hour subset, per encoder (--online-encoders): the cached last / hierarchical /
+#      weighted / size-matched control and online hff-adapters, full, hff-frozen, adapters, bitfit, all on the
+#      same subset (paired rows). gpu.sh runs this stage for base on a lent GPU, --jobs at once.
 #      Every method on all 3.4 hours does not fit this 2-core machine (docs/results.md); --online-data full
 #      runs them on all of it where it does.
 #   8  Whisper at its 30 s window: the 1-hour subset and valid extracted again with --whisper-window 30s
@@ -57,6 +59,7 @@ all_methods="hff-adapters full hff-frozen adapters bitfit"  # the paper's headli
 online_methods="$all_methods"
 subset_utts=720                 # about 1 hour of the training data
 threads=0          # torch threads for training and extraction (0: torch's default)
+jobs=1             # training runs at once within a stage (a GPU host: several; see gpu.sh)
 extra=()           # after --: passed to every `hff-cache train`
 
 while [ $# -gt 0 ]; do
@@ -69,11 +72,12 @@ while [ $# -gt 0 ]; do
     --epochs) epochs="$2"; shift 2 ;;
     --task-epochs) task_epochs="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
+    --jobs) jobs="$2"; shift 2 ;;
     --online-encoders) online_encoders="$2"; shift 2 ;;
     --online-data) online_data="$2"; shift 2 ;;
     --online-methods) online_methods="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -199,14 +203,15 @@ for enc in $online_encoders; do
   if run_stage 7 "the paper's table on $enc, training data: $online_data" "$enc"; then
     c="$exp/caches/$enc"
     if [ "$online_data" = 1h ]; then data="$m/train_1h.jsonl" tag=subset_; else data="$m/train.jsonl" tag=; fi
-    for fusion in last hierarchical; do  # the cached rows on exactly the online rows' utterances
-      train "$enc/${tag}asr_$fusion-s0" --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" --fusion "$fusion" \
-        --labels "$data" --valid-labels "$m/valid.jsonl" --seed 0
+    rows=(--cache "$c/train.zarr" --valid-cache "$c/valid.zarr" --labels "$data" --valid-labels "$m/valid.jsonl")
+    for fusion in last hierarchical weighted; do  # the cached rows on exactly the online rows' utterances
+      train "$enc/${tag}asr_$fusion-s0" "${rows[@]}" --fusion "$fusion" --seed 0
     done
+    train "$enc/${tag}asr_last-wide-s0" "${rows[@]}" --fusion last --width "$(control_width "$enc")" --seed 0
     for method in $online_methods; do
       online "$enc" "${tag}online_$method-s0" "$data" --method "$method" --seed 0
     done
-    [ "$online_methods" = "$all_methods" ] && done_stage 7 "$enc"
+    if [ "$online_methods" = "$all_methods" ]; then done_stage 7 "$enc"; else wait_runs; fi
   fi
 done
 
@@ -268,3 +273,4 @@ if run_stage 10 "summary tables and figures"; then
       "$exp/$enc"/*/ | tee "$exp/report/summary_$enc.md"
   done
 fi
+wait_runs
