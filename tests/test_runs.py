@@ -189,6 +189,10 @@ def test_online_run_config_redacts_storage_secrets(tmp_path: Path) -> None:
     assert doc.encoder.counts["trainable_encoder_params"] > 0 and doc.data["train"]["utterances"] == 2
     assert doc.config.storage_options["endpoint_url"] == "http://127.0.0.1:9000"
     assert doc.config.storage_options["secret"] == REDACTED
+    from hff_cache.evaluation.summary import summarize_runs
+
+    row = summarize_runs([tmp_path / "online"])[0]  # from audio, extraction included: nothing to add
+    assert row["extract_seconds"] == 0 and row["total_seconds"] == row["train_seconds"] > 0
     rep = verify_run(tmp_path / "online")  # an online checkpoint holds encoder weights besides fusion and head
     assert rep.ok and rep.checkpoints == ["best", "last"] and rep.mode == "online"
 

@@ -66,15 +66,17 @@ def _train_seconds(run: Path, extraction: dict[str, float | None]) -> dict[str, 
 
 def _extraction_seconds(rd: RunDir, known: dict[str, float | None]) -> float | None:
     """The training cache's extraction wall time: the sum over its shards' completion records (each shard's
-    completing run), or None when the cache cannot be opened or a record lacks it (caches of older versions)."""
+    completing run); 0 for an online run; None when the cache cannot be opened or a record lacks it (caches of
+    older versions)."""
     from hff_cache.cache import CacheFormatError, CacheReader
 
     try:
-        train = rd.read_document().caches.get("train")
+        doc = rd.read_document()
     except RunError:
         return None
-    if train is None:
-        return None
+    train = doc.caches.get("train")
+    if train is None:  # an online run reads audio: nothing was extracted for it
+        return 0.0 if doc.mode == "online" else None
     if train.url not in known:
         try:
             records = CacheReader(train.url).shard_records()
