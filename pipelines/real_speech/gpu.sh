@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's table for faster-whisper:base on a lent GPU (issue 12), in at most 10 minutes: recipe stage 7 --
 # the cached last / hierarchical / weighted / size-matched control and online hff-adapters / full / hff-frozen /
-# adapters / bitfit -- on the recipe's 1-hour subset with its validation set, 20 epochs each, many runs at once.
+# adapters / bitfit, and hff-adapters' second seed -- on the recipe's 1-hour subset with its validation set, 20
+# epochs each, many runs at once.
 #
 #   bash pipelines/real_speech/gpu.sh --pack       # here, after the recipe's stage 0: what travels, in .gpu_table/
 #   device run: bash pipelines/real_speech/gpu.sh  # carry [".gpu_wheels", ".gpu_table"], timeout_s 600
@@ -21,12 +22,12 @@ pack="$repo/.gpu_table"
 manifests="$repo/runs/real_speech/manifests"
 exp="${TMPDIR:-/tmp}/gpu_table"
 out="${OUT:-.}"
-mode=run epochs=20 jobs=9 budget=360 bitrate=16
+mode=run epochs=20 jobs=10 budget=360 bitrate=16 seeds="0 1"
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --pack) mode=pack; shift ;;
-    --dry-run) mode=dry; epochs=1 jobs=3; shift ;;
+    --dry-run) mode=dry; epochs=1 jobs=3 seeds=0; shift ;;
     --manifests) manifests="$2"; shift 2 ;;  # the recipe's stage-0 folder (train_1h.jsonl, valid.jsonl)
     --pack-dir) pack="$2"; shift 2 ;;
     --exp) exp="$2"; shift 2 ;;
@@ -58,7 +59,7 @@ pack_here() {  # what travels: the encoder alone and the subset's and validation
 }
 
 run_there() {  # on the lent machine (or, for --dry-run, here)
-  local m="$exp/manifests" rs=(bash "$here/run.sh" --exp "$exp" --encoders base --online-encoders base)
+  local m="$exp/manifests" rs=(bash "$here/run.sh" --exp "$exp" --encoders base --online-encoders base --seeds "$seeds")
   mkdir -p "$m" "$exp/.done"
   for split in train_1h valid; do  # Opus -> FLAC once, in parallel, so no epoch decodes Opus
     hff-cache manifest "$pack/$split.jsonl" --copy-audio "$exp/audio/$split" --audio-format flac --jobs "$(nproc)" \
