@@ -12,6 +12,7 @@ where ``str`` is ``u16 length (incl. NUL) | utf-8 bytes | NUL``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -20,6 +21,7 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -74,18 +76,25 @@ def _cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "hff-cache"
 
 
-def _atomic_write(dest: Path, sources: list[Path]) -> None:
+@contextlib.contextmanager
+def _atomic_file(dest: Path) -> Iterator[BinaryIO]:
+    """A file opened for writing that becomes ``dest`` only when the block ends cleanly (never half written)."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
-            for src in sources:
-                with open(src, "rb") as inp:
-                    shutil.copyfileobj(inp, out, 1 << 20)
+            yield out
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_write(dest: Path, sources: list[Path]) -> None:
+    with _atomic_file(dest) as out:
+        for src in sources:
+            with open(src, "rb") as inp:
+                shutil.copyfileobj(inp, out, 1 << 20)
 
 
 def resolve_faster_whisper(name: str) -> Path:
@@ -222,35 +231,29 @@ def write_encoder_only(model_dir: Path, dest: Path) -> Path:
     model_dir, dest = Path(model_dir), Path(dest)
     src = model_dir / "model.bin"
     dest.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest, prefix=".model.bin.", suffix=".tmp")
-    try:
-        with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
-            idx = _read_index(f, src)
-            names = sorted(_wanted(idx, "encoder/"), key=lambda k: idx.variables[k][2])
-            aliases = {a: t for a, t in idx.aliases.items() if a.startswith("encoder/")}
-            out.write(struct.pack("<I", _BINARY_VERSION))
-            _write_str(out, idx.spec)
-            out.write(struct.pack("<II", idx.revision, len(names)))
-            for name in names:
-                shape, type_id, offset, n_bytes = idx.variables[name]
-                _write_str(out, name)
-                out.write(struct.pack(f"<B{len(shape)}I", len(shape), *shape))
-                out.write(struct.pack("<BI", type_id, n_bytes))
-                out.write(_read_bytes(f, src, name, offset, n_bytes))
-            out.write(struct.pack("<I", len(aliases)))
-            for alias, target in aliases.items():
-                _write_str(out, alias)
-                _write_str(out, target)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest / "model.bin")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open(src, "rb") as f, _atomic_file(dest / "model.bin") as out:
+        idx = _read_index(f, src)
+        names = sorted(_wanted(idx, "encoder/"), key=lambda k: idx.variables[k][2])
+        aliases = {a: t for a, t in idx.aliases.items() if a.startswith("encoder/")}
+        out.write(struct.pack("<I", _BINARY_VERSION))
+        _write_str(out, idx.spec)
+        out.write(struct.pack("<II", idx.revision, len(names)))
+        for name in names:
+            shape, type_id, offset, n_bytes = idx.variables[name]
+            _write_str(out, name)
+            out.write(struct.pack(f"<B{len(shape)}I", len(shape), *shape))
+            out.write(struct.pack("<BI", type_id, n_bytes))
+            out.write(_read_bytes(f, src, name, offset, n_bytes))
+        out.write(struct.pack("<I", len(aliases)))
+        for alias, target in aliases.items():
+            _write_str(out, alias)
+            _write_str(out, target)
     if (model_dir / "config.json").is_file():
         _atomic_write(dest / "config.json", [model_dir / "config.json"])
     record = {"source": str(model_dir), "source_sha256": _weights_identity(model_dir),
               "sha256": _sha256(dest / "model.bin"), "kept": "encoder/ variables only"}
-    (dest / _EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    with _atomic_file(dest / _EXPORT_RECORD) as out:
+        out.write((json.dumps(record, indent=2) + "\n").encode())
     return dest
 
 
