@@ -24,7 +24,8 @@
 #      speaker's utterances split 4:1), gender and child/adult (speaker-disjoint: train vs held-out speakers).
 #      Per task, seed 0: the per-layer probe (which layer serves which task; its top layer is `last`) and
 #      hierarchical, both at $task_epochs epochs, so every probe row is a single-layer control of the same
-#      budget; then the ASR probe. About 2.5 h of one core on tiny.en.
+#      budget, and `weighted` for the speaker traits (whose best layer is not the top one); then the ASR
+#      probe. About 2.5 h of one core on tiny.en.
 #   5  the same with seed 1 (without the ASR probe): the seed spread the fusion-against-best-layer claim needs.
 #   6  per-domain evaluation of every finished run not yet evaluated (RUN/eval/valid/metrics.json, groups by
 #      corpus); no marker, so a later pass evaluates the runs finished since.
@@ -171,6 +172,9 @@ for stage_seed in 4:0 5:1; do
         probe "$enc/probe_$task-s$seed" $(task_args "$task" "$enc") --seed "$seed"
         train "$enc/${task}_hierarchical-s$seed" $(task_args "$task" "$enc") --fusion hierarchical \
           --epochs "$task_epochs" --seed "$seed"
+        # the speaker traits peak below the top layer: does fusing beat one learned weight per layer there?
+        [ "$task" = phones ] || train "$enc/${task}_weighted-s$seed" $(task_args "$task" "$enc") \
+          --fusion weighted --epochs "$task_epochs" --seed "$seed"
       done
       [ "$seed" = 0 ] && probe "$enc/probe_asr-s0" --cache "$exp/caches/$enc/train.zarr" \
         --valid-cache "$exp/caches/$enc/valid.zarr" --seed 0
