@@ -111,10 +111,13 @@ def plot_time_against_error(rows: Sequence[dict[str, Any]], path: str | Path, me
               if r.get(metric) is not None and r.get("train_seconds")]
     if not points:
         raise RunError(f"no run has both {metric} and a training time to plot")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for seconds, value, name in points:
-        ax.scatter(seconds, value)
-        ax.annotate(name, (seconds, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    # a number beside each point and its run's name in a legend outside the axes: runs of similar time and
+    # error (seeds of one method) sit on top of each other, and their names would overlap
+    fig, ax = plt.subplots(figsize=(6 + 0.05 * max(len(p[2]) for p in points), 4))
+    for i, (seconds, value, name) in enumerate(sorted(points), start=1):
+        ax.scatter(seconds, value, label=f"{i}  {name}")
+        ax.annotate(str(i), (seconds, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
     ax.set(xscale="log", xlabel="training time, s (extraction included where recorded)", ylabel=metric.upper())
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -122,7 +125,7 @@ def plot_time_against_error(rows: Sequence[dict[str, Any]], path: str | Path, me
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.margins(x=0.15)  # room for the right-most point's name
+    ax.margins(x=0.08)  # room for the right-most point's number
     ax.grid(alpha=0.3)
     save_figure(fig, path)
 
