@@ -254,7 +254,8 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace, cmd: str, ref: Cac
                      f"{r['fit_mib']:.1f} | {r['hours_per_gib']:.2f} | {speed} | {wer}"
                      + " ".join(f"{x:.3f}" for x in r["rel_err"]) + " | "
                      + " ".join(f"{x:.4f}" for x in r["ln_mse"]) + " |")
-    lines += ["", machine, "", "![bytes per value versus error and WER](../img/codecs.png)", ""]
+    image = os.path.relpath(a.img, Path(a.doc).parent)  # the figure this run wrote, wherever --img put it
+    lines += ["", machine, "", f"![bytes per value versus error and WER]({image})", ""]
     return "\n".join(lines)
 
 
@@ -269,13 +270,21 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     if trained:
         panels.append(("WER", "WER change vs fp16 (points)", lambda r: r["dwer"], trained))
     for ax, (short, label, value, which) in zip(axes[0], panels, strict=True):
-        for i, r in enumerate(which):
-            ax.scatter(r["disk_bpv"], value(r))
-            ax.annotate(r["codec"], (r["disk_bpv"], value(r)), textcoords="offset points",
-                        xytext=(4, 4 if i % 2 else -10))  # alternate: neighbouring codecs' labels overlap
+        families: dict[str, list[dict[str, Any]]] = {}  # one series per codec name: tpca at several rates is a curve
+        for r in which:
+            families.setdefault(r["codec"].split(":")[0], []).append(r)
+        for name, members in families.items():
+            members = sorted(members, key=lambda r: r["disk_bpv"])
+            xs, ys = [r["disk_bpv"] for r in members], [value(r) for r in members]
+            ax.plot(xs, ys, marker="o", linestyle="-" if len(members) > 1 else "none", label=name)
+            for r, x, y in zip(members, xs, ys, strict=True):
+                if ":" in r["codec"] or len(members) > 1:  # name the parameters of a family's points
+                    ax.annotate(r["codec"].split(":", 1)[-1] if ":" in r["codec"] else "default", (x, y),
+                                textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set(xlabel="bytes per stored value (on disk)", ylabel=label, title=f"cache codec: size vs {short}")
         if short == "LN-MSE":
             ax.set_yscale("log")
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     save_figure(fig, path)
 
