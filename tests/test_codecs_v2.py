@@ -89,7 +89,7 @@ def test_round_trip_within_the_stated_error(name: str, dim: int) -> None:
     assert y.shape == x.shape and y.dtype == np.float32
     rel = float(np.linalg.norm(y - x) / np.linalg.norm(x))
     assert rel <= get_codec(name, **params(name, dim)).rel_error, rel
-    assert np.all(y[:, 5] == 0) or name == "tpca"  # per-dimension codecs keep an all-zero dimension exactly
+    assert np.all(y[:, 5] == 0) or name.startswith("tpca")  # per-dimension codecs keep a zero dimension exactly
 
 
 def test_tpca_stores_a_quarter_byte_per_value_and_beats_nf4b_per_byte() -> None:
@@ -240,9 +240,10 @@ def test_transcode_then_verify(transcoded: dict[str, str], tiny: str, name: str)
     assert not rep.warnings
     a, b = CacheReader(tiny), CacheReader(transcoded[name])
     assert b.ids == a.ids and b.meta.codec.name == name
+    below = None  # a chained codec's layer decodes from the layer below it
     for j, codes in enumerate(b.read_codes(range(len(b)))):
-        np.testing.assert_array_equal(decode_codes(b.codec, codes),
-                                      np.concatenate([f[:, j] for f in b.read_many(range(len(b)))]))
+        below = decode_codes(b.codec, codes, below=below)
+        np.testing.assert_array_equal(below, np.concatenate([f[:, j] for f in b.read_many(range(len(b)))]))
 
 
 @pytest.mark.parametrize("name", list(CODECS))
@@ -252,14 +253,15 @@ def test_compressed_residency_epoch_equals_the_float16_epoch(transcoded: dict[st
     kw = dict(ctc=True, batch_frames=200, shuffle_frames=150, block_frames=100, in_memory=True)
     codes, fp16 = CacheBatches(r, data, **kw), CacheBatches(r, data, resident="fp16", **kw)
     streamed = CacheBatches(r, data, **{**kw, "in_memory": False})
-    assert codes.resident == ("fp16" if name == "fp16" else "codes") and fp16.resident == "fp16"
+    # a codec without a torch decoder (fp16, tpcap) is held as decoded float16
+    assert codes.resident == ("codes" if name in DECODABLE else "fp16") and fp16.resident == "fp16"
     epochs = [list(s.epoch(2)) for s in (codes, fp16, streamed)]
     assert len(epochs[0]) == len(epochs[1]) == len(epochs[2]) > 1
     for a, b, c in zip(*epochs, strict=True):
         assert a.ids == b.ids == c.ids and a.feats.dtype == torch.float16
         assert torch.equal(a.feats, b.feats) and torch.equal(a.feats, c.feats)  # exactly, not within rounding
         assert a.lengths.tolist() == b.lengths.tolist() and torch.equal(a.targets, b.targets)
-    if name != "fp16":
+    if name in DECODABLE:
         assert codes.resident_nbytes < fp16.resident_nbytes
 
 
@@ -437,3 +439,73 @@ def test_tpca_on_disk_stays_within_a_quarter_byte_per_value(tmp_path: Path) -> N
     stored = sum(f.stat().st_size for f in data_part.rglob("*") if f.is_file() and f.name != "zarr.json")
     print(f"tpca: {stored / (frames * dim):.3f} bytes/value on disk (D={dim}, {frames} frames; fit apart)")
     assert stored / (frames * dim) <= 0.25
+
+
+# --- tpcap: tpca of what the layer below does not predict -------------------------------------------------
+
+
+def residual_stream(rng: np.random.Generator, lengths: np.ndarray, n_layers: int, dim: int
+                    ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Hidden states like a transformer's: each layer the one below, mixed by a random map, plus a smaller
+    update of its own (so the layer below predicts most, not all, of it)."""
+    x, starts = whisper_like(rng, lengths, dim)
+    layers = [x]
+    for _ in range(1, n_layers):
+        mix = np.eye(dim, dtype=np.float32) + 0.2 * rng.standard_normal((dim, dim)).astype(np.float32) / np.sqrt(dim)
+        update, _ = whisper_like(rng, lengths, dim)
+        layers.append(layers[-1] @ mix + 0.3 * update)
+    return layers, starts
+
+
+def chain_round_trip(name: str, layers: list[np.ndarray], starts: np.ndarray) -> list[np.ndarray]:
+    """Every layer through the codec as a writer and a reader do: fit, encode and decode in layer order."""
+    codec = get_codec(name)
+    fits = codec.fit_layers(lambda j: layers[j], len(layers), starts)
+    out: list[np.ndarray] = []
+    for j, stored in enumerate(codec.encode_layers(lambda j: layers[j], len(layers), starts, fits)):
+        below = out[-1] if out and codec.chained else None
+        out.append(codec.decode({**stored, **fits[j], "starts": starts, "below": below}, slice(None)))
+    return out
+
+
+def ln_mse(x: np.ndarray, y: np.ndarray) -> float:
+    def ln(z: np.ndarray) -> np.ndarray:
+        return (z - z.mean(-1, keepdims=True)) / (z.std(-1, keepdims=True) + 1e-5)
+    return float(np.mean((ln(x) - ln(y)) ** 2))
+
+
+def test_tpcap_codes_what_the_layer_below_misses_at_tpcas_bytes() -> None:
+    rng = np.random.default_rng(7)
+    layers, starts = residual_stream(rng, rng.integers(40, 160, 12), 4, 64)
+    plain, chained = chain_round_trip("tpca", layers, starts), chain_round_trip("tpcap", layers, starts)
+    assert get_codec("tpcap").frame_nbytes(64) == get_codec("tpca").frame_nbytes(64)
+    np.testing.assert_array_equal(chained[0], plain[0])  # the first layer has nothing below: plain tpca
+    for j in range(1, len(layers)):
+        assert ln_mse(layers[j], chained[j]) < 0.7 * ln_mse(layers[j], plain[j]), j
+
+
+def test_tpcap_cache_decodes_any_layer_from_the_ones_below(caches: dict[str, str]) -> None:
+    r = CacheReader(caches["tpcap"])
+    fit = r._fit_arrays(r.parts()[0].part_id, 0)
+    assert fit["ppred"].shape == (0, D)  # the first stored layer: no prediction
+    assert r._fit_arrays(r.parts()[0].part_id, 2)["ppred"].shape == (D + 1, D)
+    idx = list(range(0, len(r), 3))
+    every = r.read_many(idx)
+    for layers in ([2], [1], [2, 0], [1, 2]):  # each decoded through the layers below it, whatever is asked
+        for a, b in zip(r.read_many(idx, layers), every, strict=True):
+            np.testing.assert_array_equal(a, b[:, [LAYERS.index(k) for k in layers]])
+    half = r.read_many(idx, dtype=np.float16)  # the loader's float16 is the float32 chain, rounded once
+    for a, b in zip(half, every, strict=True):
+        np.testing.assert_array_equal(a, b.astype(np.float16))
+    x = np.concatenate([f[:, 2] for f in every])
+    assert np.linalg.norm(x - np.concatenate([f[:, 1] for f in every]) * 1.5) < 0.2 * np.linalg.norm(x)
+
+
+def test_tpcap_layer_without_the_one_below_is_a_clear_error() -> None:
+    rng = np.random.default_rng(8)
+    layers, starts = residual_stream(rng, np.array([30, 50]), 2, 64)
+    codec = get_codec("tpcap")
+    fits = codec.fit_layers(lambda j: layers[j], 2, starts)
+    stored = list(codec.encode_layers(lambda j: layers[j], 2, starts, fits))[1]
+    with pytest.raises(ValueError, match="decodes from the decoded state below"):
+        codec.decode({**stored, **fits[1], "starts": starts}, slice(None))

@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -128,9 +128,11 @@ class StoredCodes:
         return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
 
 
-def decode_codes(codec: Codec, codes: StoredCodes, dtype: Any = np.float32) -> np.ndarray:
+def decode_codes(codec: Codec, codes: StoredCodes, dtype: Any = np.float32,
+                 below: np.ndarray | None = None) -> np.ndarray:
     """``codes`` decoded with the numpy codec: (rows, D), equal to ``read_many``'s frames of the same
-    utterances concatenated. Runs of utterances of one group decode together."""
+    utterances concatenated. Runs of utterances of one group decode together. ``below``: for a chained codec,
+    the same rows of the stored layer below, decoded (float32; None for the first stored layer)."""
     offsets, out = codes.offsets, []
     i, n = 0, len(codes.lengths)
     while i < n:
@@ -141,6 +143,8 @@ def decode_codes(codec: Codec, codes: StoredCodes, dtype: Any = np.float32) -> n
         stored = {s: a[lo:hi] for s, a in codes.rows.items()}
         stored.update(codes.groups[int(codes.group[i])])
         stored["starts"] = offsets[i:j] - lo
+        if codec.chained:
+            stored["below"] = None if below is None else below[lo:hi]
         out.append(codec.decode(stored, slice(0, hi - lo), dtype=dtype))
         i = j
     return np.concatenate(out) if out else np.zeros((0, 0), dtype)
@@ -333,12 +337,25 @@ class CacheReader:
             for run in self._runs(chunk, ns, idx):
                 lo = int(self._offsets[idx[run[0]]])
                 hi = max(int(self._offsets[idx[n]] + self.lengths[idx[n]]) for n in run)
-                for j, pos in enumerate(positions):
-                    block = self.codec.decode(self._stored(part, pos), slice(lo, hi), dtype=dtype)
+                for j, block in self._decoded(part, positions, slice(lo, hi), dtype):
                     for n in run:
                         o = int(self._offsets[idx[n]]) - lo
                         out[n][:, j, :] = block[o:o + int(self.lengths[idx[n]])]
         return out
+
+    def _decoded(self, part: int, positions: list[int], rows: slice, dtype: Any
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+        """(j, rows of stored layer ``positions[j]`` decoded) for one part. A chained codec decodes from the
+        first stored layer up, each from the one below (in float32, as its encoder predicted)."""
+        if not self.codec.chained:
+            for j, pos in enumerate(positions):
+                yield j, self.codec.decode(self._stored(part, pos), rows, dtype=dtype)
+            return
+        below = None
+        for pos in range(max(positions, default=-1) + 1):
+            below = self.codec.decode({**self._stored(part, pos), "below": below}, rows)
+            for j in (j for j, p in enumerate(positions) if p == pos):
+                yield j, below.astype(dtype, copy=False)
 
     def _checked(self, indices: Sequence[int]) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64)

@@ -46,7 +46,7 @@ SAMPLE_UTTS = 16  # utterances compared with the source after the transcode
 # Codecs state no error bound, so the sample check compares the destination's decode with the source's:
 # relative error = ||dst - src|| / ||src|| per layer. Limits are generous multiples of the errors measured in
 # docs/cache_format.md ("Codecs"); they catch a broken transcode, not a codec's ordinary rounding.
-REL_TOLERANCE = {"fp16": 1e-3, "int8": 0.1, "int4": 0.5, "int4b": 0.3, "nf4b": 0.3, "tpca": 0.4}
+REL_TOLERANCE = {"fp16": 1e-3, "int8": 0.1, "int4": 0.5, "int4b": 0.3, "nf4b": 0.3, "tpca": 0.4, "tpcap": 0.4}
 DEFAULT_REL_TOLERANCE = 0.5  # a codec registered later, of unknown precision
 FIT_FRAMES = 60_000  # frames (20 min at 50 Hz) of SRC, spread over it, that a codec with a fit is fitted on
 
@@ -221,11 +221,11 @@ def _first_pass_fit(source: CacheReader, codec: Codec, frames: int = FIT_FRAMES)
     n = len(source) if total <= frames else max(1, int(np.ceil(len(source) * frames / total)))
     idx = sorted({int(round(i)) for i in np.linspace(0, len(source) - 1, n)}) if len(source) else []
     starts = np.concatenate([[0], np.cumsum(source.lengths[idx])[:-1]]).astype(np.int64)
-    fits = []
-    for k in source.layers:  # one layer at a time: a sample of all of them could be large
-        x = np.concatenate([f[:, 0] for f in source.read_many(idx, [k])]) if idx else np.zeros((0, 1))
-        fits.append(codec.fit(x, starts))
-    return fits
+    def layer(j: int) -> np.ndarray:  # one layer at a time: a sample of all of them could be large
+        k = source.layers[j]
+        return np.concatenate([f[:, 0] for f in source.read_many(idx, [k])]) if idx else np.zeros((0, 1))
+
+    return codec.fit_layers(layer, len(source.layers), starts)
 
 
 def _skip_records(source: CacheReader) -> dict[str, list[dict[str, str]]]:

@@ -403,8 +403,8 @@ class CacheWriter:
         if fits is None:
             lengths = [f.shape[1] for f in self._feats]
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-            fits = [self.codec.fit(np.concatenate([f[j] for f in self._feats]).astype(np.float32), starts)
-                    for j in range(len(self.meta.layers))]
+            fits = self.codec.fit_layers(lambda j: np.concatenate([f[j] for f in self._feats]).astype(np.float32),
+                                         len(self.meta.layers), starts)
         pid = self._writing = part_id(self.worker, self._seq)
         self._seq += 1
         self._write(pid, fits)
@@ -434,10 +434,13 @@ class CacheWriter:
             ("stats_sum", self._sum if own else none, None, None),
             ("stats_sumsq", self._sumsq if own else none, None, None),
         ])
-        for j, k in enumerate(self.meta.layers):
-            x = (np.concatenate([f[j] for f in feats]) if feats else np.zeros((0, dim), self.codec.buffer_dtype))
-            stage.put(self._layer_arrays(k, x, offsets, fits[j] if fits else None))
-            del x
+        def layer(j: int) -> np.ndarray:  # one layer's frames at a time: all of them could be large
+            return np.concatenate([f[j] for f in feats]) if feats else np.zeros((0, dim), self.codec.buffer_dtype)
+
+        use = fits if fits is not None else self._fit  # a part decodes with its worker's fit
+        encoded = self.codec.encode_layers(layer, n_layers, offsets, use)
+        for j, (k, arrays) in enumerate(zip(self.meta.layers, encoded, strict=True)):
+            stage.put(self._layer_arrays(k, arrays, fits[j] if fits else None))
         marker = {
             "committed": True,
             "num_utterances": len(lengths),
@@ -452,14 +455,10 @@ class CacheWriter:
             marker["codec_fit"] = pid if fits is not None else self._fit_part  # where the fit of this part is
         stage.commit(marker)
 
-    def _layer_arrays(self, k: int, x: np.ndarray, offsets: np.ndarray, fit: dict[str, np.ndarray] | None
+    def _layer_arrays(self, k: int, encoded: dict[str, np.ndarray], fit: dict[str, np.ndarray] | None
                       ) -> list[tuple[str, np.ndarray, tuple[int, ...] | None, list[Any] | None]]:
         """(name, data, chunks, compressors) of stored layer ``k``: the codec's arrays (and ``fit``, in a fit
         part)."""
-        j = self.meta.layers.index(k)
-        use = fit if fit is not None else (self._fit[j] if self._fit is not None else None)
-        encoded = (self.codec.encode_part(x, offsets, use) if self.codec.fit_suffixes or self.codec.needs_starts
-                   else self.codec.encode(x))
         batch: list[tuple[str, np.ndarray, tuple[int, ...] | None, list[Any] | None]] = []
         for suffix, data in encoded.items():
             if suffix == MAIN:

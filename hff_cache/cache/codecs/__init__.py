@@ -16,9 +16,11 @@ from ..format import CacheFormatError
 from .base import MAIN, Codec
 from .scalar import FP16Codec, Int4BlockCodec, Int4Codec, Int8Codec, NF4BlockCodec
 from .tpca import TPCACodec, frame_layout, tpca_decode_blobs, tpca_segments
+from .tpcap import TPCAPCodec
 
 __all__ = ["CODECS", "MAIN", "Codec", "FP16Codec", "Int4BlockCodec", "Int4Codec", "Int8Codec", "NF4BlockCodec",
-           "TPCACodec", "frame_layout", "get_codec", "register_codec", "tpca_decode_blobs", "tpca_segments"]
+           "TPCACodec", "TPCAPCodec", "frame_layout", "get_codec", "register_codec", "tpca_decode_blobs",
+           "tpca_segments"]
 
 # The registry. A new codec is one file in this package plus one line here (docs/contributing.md).
 CODECS: dict[str, Callable[..., Codec]] = {
@@ -28,6 +30,7 @@ CODECS: dict[str, Callable[..., Codec]] = {
     "int4b": Int4BlockCodec,
     "nf4b": NF4BlockCodec,
     "tpca": TPCACodec,
+    "tpcap": TPCAPCodec,
 }
 
 

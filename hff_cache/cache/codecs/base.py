@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,9 @@ class Codec:
     fit_suffixes: tuple[str, ...] = ()
     # encode/decode need the part's utterance offsets (decode finds them as ``stored["starts"]``).
     needs_starts: bool = False
+    # Decoding a stored layer needs the same rows of the stored layer below it decoded (``stored["below"]``,
+    # float32): readers decode a chained codec's layers in order, from the first stored one.
+    chained: bool = False
     # Stated bound of the relative RMS error ||decode(encode(x)) - x|| / ||x|| on Gaussian frames with
     # per-dimension spread and a few huge outlier dimensions, as Whisper's hidden states have
     # (tests/test_codecs_v2.py checks it on such data).
@@ -77,6 +81,18 @@ class Codec:
     def fit(self, x: np.ndarray, starts: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Statistics of a sample of frames (``fit_suffixes``); codecs without any return {}."""
         return {}
+
+    def fit_layers(self, layer: Callable[[int], np.ndarray], n: int,
+                   starts: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+        """The fit of each of ``n`` stored layers, ``layer(j)`` giving one at a time (what writers and transcode
+        call: a chained codec fits each layer on what the one below it leaves)."""
+        return [self.fit(layer(j), starts) for j in range(n)]
+
+    def encode_layers(self, layer: Callable[[int], np.ndarray], n: int, starts: np.ndarray | None,
+                      fits: list[dict[str, np.ndarray]] | None) -> Iterator[dict[str, np.ndarray]]:
+        """``encode_part`` of each of ``n`` stored layers in order, ``layer(j)`` read one at a time."""
+        for j in range(n):
+            yield self.encode_part(layer(j), starts, fits[j] if fits is not None else None)
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
