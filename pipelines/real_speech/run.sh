@@ -41,9 +41,9 @@
 #      read from the same cache; K = L is stage 7's cached hierarchical row, adapters everywhere its online row;
 #      then K = L/2's further seeds.
 #  10  summary tables and figures (hff-cache summary) into $exp/report/.
-#  11  cache v2 (issue 14): train and valid transcoded to tpca (0.25 B/value), `hierarchical` on the 1-hour
-#      subset from them and from fp16 with the same seeds (seed 0's fp16 row is stage 7's), so each codec row
-#      is paired with an fp16 row of the same seed and utterances.
+#  11  cache v2 (issue 14): `hierarchical` on the 1-hour subset from fp16, then from train and valid
+#      transcoded to tpcap and to tpca (both 0.25 B/value), with the same seeds (seed 0's fp16 row is stage
+#      7's), so each codec row is paired with an fp16 row of the same seed and utterances.
 set -euo pipefail
 
 stage=0
@@ -261,17 +261,22 @@ for enc in $online_encoders; do
 done
 
 for enc in $encoders; do
-  if run_stage 11 "cache v2: hierarchical from tpca caches on the 1-hour subset, paired by seed ($enc)" "$enc"; then
+  if run_stage 11 "cache v2: hierarchical from 0.25 B/value caches on the 1-hour subset, paired by seed ($enc)" \
+      "$enc"; then
     c="$exp/caches/$enc"
-    for split in train valid; do
-      hff-cache transcode "$c/$split.zarr" "$c/$split-tpca.zarr" --codec tpca --no-progress
-    done
     sub=(--labels "$m/train_1h.jsonl" --valid-labels "$m/valid.jsonl" --fusion hierarchical)
     for seed in $seeds; do  # seed 0's fp16 row is stage 7's subset_asr_hierarchical-s0
       train "$enc/subset_asr_hierarchical-s$seed" --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" \
         "${sub[@]}" --seed "$seed"
-      train "$enc/subset_tpca_asr_hierarchical-s$seed" --cache "$c/train-tpca.zarr" \
-        --valid-cache "$c/valid-tpca.zarr" "${sub[@]}" --seed "$seed"
+    done
+    for codec in tpcap tpca; do  # tpcap: tpca of what the layer below does not predict, the same bytes
+      for split in train valid; do
+        hff-cache transcode "$c/$split.zarr" "$c/$split-$codec.zarr" --codec "$codec" --no-progress
+      done
+      for seed in $seeds; do
+        train "$enc/subset_${codec}_asr_hierarchical-s$seed" --cache "$c/train-$codec.zarr" \
+          --valid-cache "$c/valid-$codec.zarr" "${sub[@]}" --seed "$seed"
+      done
     done
     done_stage 11 "$enc"
   fi
