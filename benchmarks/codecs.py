@@ -284,10 +284,15 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
             for r, x, y in zip(members, xs, ys, strict=True):
                 if ":" in r["codec"] or len(members) > 1:  # name the parameters of a family's points
                     ax.annotate(r["codec"].split(":", 1)[-1] if ":" in r["codec"] else "default", (x, y),
-                                textcoords="offset points", xytext=(4, 4), fontsize=7)
+                                textcoords="offset points", xytext=(4, 4), fontsize=6)
         ax.set(xlabel="bytes per stored value (on disk)", ylabel=label, title=f"cache codec: size vs {short}")
         if short == "LN-MSE":
             ax.set_yscale("log")
+        ax.set_xscale("log")  # the compact codecs crowd below 0.5 B/value
+        from matplotlib.ticker import FuncFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if round(v * 10) in (2, 3, 5) else ""))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     save_figure(fig, path)
