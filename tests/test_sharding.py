@@ -56,8 +56,10 @@ def test_sharded_equals_unsharded_for_every_codec(src: str, tmp_path: Path, name
     for x, y in zip(a.read_many(range(len(a))), b.read_many(range(len(b))), strict=True):
         np.testing.assert_array_equal(y, x)
     picks = [4, 0, 2]
+    below_a = below_b = None  # a chained codec's layer decodes from the layer below it
     for ca, cb in zip(a.read_codes(picks), b.read_codes(picks), strict=True):
-        np.testing.assert_array_equal(decode_codes(b.codec, cb), decode_codes(a.codec, ca))
+        below_a, below_b = decode_codes(a.codec, ca, below=below_a), decode_codes(b.codec, cb, below=below_b)
+        np.testing.assert_array_equal(below_b, below_a)
         for key, arr in ca.rows.items():
             np.testing.assert_array_equal(cb.rows[key], arr)
     assert verify_cache(sharded["dst"]).ok

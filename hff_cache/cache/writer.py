@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -16,7 +17,6 @@ import zarr
 from zarr.abc.store import Store
 from zarr.codecs import ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
-from zarr.core.common import concurrent_map
 from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 from zarr.storage import LocalStore, MemoryStore
@@ -559,4 +559,18 @@ def _upload(src: Store, dst: Store, keys: list[str], drop: bool = False) -> None
         if drop:
             await src.delete(key)
 
-    sync(concurrent_map([(k,) for k in keys], _copy, limit=zarr.config.get("async.concurrency")))
+    async def _all() -> None:
+        # every copy runs to its end before an error is raised: with a plain gather, the copies still in
+        # flight when one fails (a full disk) would land after the writer removed the half-written part
+        limit = asyncio.Semaphore(int(zarr.config.get("async.concurrency")))
+
+        async def _one(key: str) -> None:
+            async with limit:
+                await _copy(key)
+
+        results = await asyncio.gather(*(_one(k) for k in keys), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    sync(_all())
