@@ -52,13 +52,7 @@ class TPCAPCodec(TPCACodec):
                    starts: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
         """Fit the stored states in order, each on the residual after predicting from the state below as the
         fit itself decodes it (what the encoder will predict from)."""
-        fits: list[dict[str, np.ndarray]] = []
-        below = None
-        for j in range(n):
-            x = np.asarray(layer(j), dtype=np.float32)
-            fits.append(self.fit(x, starts, below))
-            below = self.reconstruct(self.encode_part(x, starts, fits[-1], below), starts, fits[-1], below)
-        return fits
+        return [fit for fit, _ in self._chain(layer, n, starts, None)]
 
     # -- encode --
 
@@ -71,14 +65,20 @@ class TPCAPCodec(TPCACodec):
 
     def encode_layers(self, layer: Callable[[int], np.ndarray], n: int, starts: np.ndarray | None,
                       fits: list[dict[str, np.ndarray]] | None) -> Iterator[dict[str, np.ndarray]]:
+        return (encoded for _, encoded in self._chain(layer, n, starts, fits))
+
+    def _chain(self, layer: Callable[[int], np.ndarray], n: int, starts: np.ndarray | None,
+               fits: list[dict[str, np.ndarray]] | None) -> Iterator[tuple[dict[str, np.ndarray],
+                                                                         dict[str, np.ndarray]]]:
+        """(fit, codes) of each stored state in order, each predicted from the decoded state below it. Without
+        ``fits`` (a fit, or a part of no frames written before any) every state is fitted on the way."""
         below = None
         for j in range(n):
-            fit = fits[j] if fits is not None else None
             x = np.asarray(layer(j), dtype=np.float32)
-            fit = fit if fit is not None else self.fit(x, starts, below)  # a part of no frames before any fit
+            fit = fits[j] if fits is not None else self.fit(x, starts, below)
             encoded = self.encode_part(x, starts, fit, below)
-            yield encoded
-            if j + 1 < n:
+            yield fit, encoded
+            if j + 1 < n:  # the top state's decode would predict nothing
                 below = self.reconstruct(encoded, starts, fit, below)
 
     def reconstruct(self, encoded: dict[str, np.ndarray], starts: np.ndarray | None, fit: dict[str, np.ndarray],
