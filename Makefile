@@ -36,7 +36,7 @@ kenlm: $(BIN)/python  ## KenLM lmplz + build_binary into $(BIN)
 install: $(BIN)/python system-deps kenlm
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[whisper,decode,test]"
+	$(BIN)/pip install -q -e ".[whisper,decode,entropy,test]"
 
 demo: install  ## the main job: the offline demo
 	$(BIN)/hff-cache demo --out demo

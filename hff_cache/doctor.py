@@ -38,6 +38,8 @@ EXTRAS: dict[str, Extra] = {
                                      install="pip install 'hff-cache[whisper]'"),
     "decode": Extra("beam search, subword units", ("flashlight.lib.text", "sentencepiece"),
                     install="pip install 'hff-cache[decode]'"),
+    "entropy": Extra("entropy-coded codecs (tpcae, tpcape)", ("constriction",),
+                     install="pip install 'hff-cache[entropy]'"),
     "kenlm": Extra("n-gram LM estimation (lmplz)", programs=("lmplz",), install="make kenlm"),
     "tensorboard": Extra("train --tensorboard", ("tensorboard",), install="pip install 'hff-cache[tensorboard]'"),
     "s3": Extra("s3:// caches", ("s3fs",), install="pip install 'hff-cache[s3]'"),

@@ -4,7 +4,9 @@ tpca codec's fit part, layout, resume and damage."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +28,8 @@ from hff_cache.cache import (
     transcode_cache,
     verify_cache,
 )
-from hff_cache.cache.codecs import MAIN, frame_layout
+from hff_cache.cache.codecs import MAIN, ans, frame_layout
+from hff_cache.cache.codecs.ans import LEVEL_MAX, LEVEL_MIN, decode_levels, encode_levels, laplace_bits
 from hff_cache.cache.format import array_checksum
 from hff_cache.cache.reader import decode_codes
 from hff_cache.cache.transcode import REL_TOLERANCE
@@ -474,18 +477,20 @@ def ln_mse(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean((ln(x) - ln(y)) ** 2))
 
 
-def test_tpcap_codes_what_the_layer_below_misses_at_tpcas_bytes() -> None:
+@pytest.mark.parametrize("plain_name, chained_name", [("tpca", "tpcap"), ("tpcae", "tpcape")])
+def test_tpcap_codes_what_the_layer_below_misses_at_tpcas_bytes(plain_name: str, chained_name: str) -> None:
     rng = np.random.default_rng(7)
     layers, starts = residual_stream(rng, rng.integers(40, 160, 12), 4, 64)
-    plain, chained = chain_round_trip("tpca", layers, starts), chain_round_trip("tpcap", layers, starts)
-    assert get_codec("tpcap").frame_nbytes(64) == get_codec("tpca").frame_nbytes(64)
+    plain, chained = chain_round_trip(plain_name, layers, starts), chain_round_trip(chained_name, layers, starts)
+    assert get_codec(chained_name).frame_nbytes(64) == get_codec(plain_name).frame_nbytes(64)
     np.testing.assert_array_equal(chained[0], plain[0])  # the first layer has nothing below: plain tpca
     for j in range(1, len(layers)):
         assert ln_mse(layers[j], chained[j]) < 0.7 * ln_mse(layers[j], plain[j]), j
 
 
-def test_tpcap_cache_decodes_any_layer_from_the_ones_below(caches: dict[str, str]) -> None:
-    r = CacheReader(caches["tpcap"])
+@pytest.mark.parametrize("name", ["tpcap", "tpcape"])
+def test_tpcap_cache_decodes_any_layer_from_the_ones_below(caches: dict[str, str], name: str) -> None:
+    r = CacheReader(caches[name])
     fit = r._fit_arrays(r.parts()[0].part_id, 0)
     assert fit["ppred"].shape == (0, D)  # the first stored layer: no prediction
     assert r._fit_arrays(r.parts()[0].part_id, 2)["ppred"].shape == (D + 1, D)
@@ -501,11 +506,71 @@ def test_tpcap_cache_decodes_any_layer_from_the_ones_below(caches: dict[str, str
     assert np.linalg.norm(x - np.concatenate([f[:, 1] for f in every]) * 1.5) < 0.2 * np.linalg.norm(x)
 
 
-def test_tpcap_layer_without_the_one_below_is_a_clear_error() -> None:
+@pytest.mark.parametrize("name", ["tpcap", "tpcape"])
+def test_tpcap_layer_without_the_one_below_is_a_clear_error(name: str) -> None:
     rng = np.random.default_rng(8)
     layers, starts = residual_stream(rng, np.array([30, 50]), 2, 64)
-    codec = get_codec("tpcap")
+    codec = get_codec(name)
     fits = codec.fit_layers(lambda j: layers[j], 2, starts)
     stored = list(codec.encode_layers(lambda j: layers[j], 2, starts, fits))[1]
     with pytest.raises(ValueError, match="decodes from the decoded state below"):
         codec.decode({**stored, **fits[1], "starts": starts}, slice(None))
+
+
+# --- tpcae / tpcape: one uniform step, the levels entropy-coded -------------------------------------------
+
+
+def test_ans_codes_levels_losslessly_at_about_the_estimated_bits() -> None:
+    rng = np.random.default_rng(11)
+    scales = np.exp(rng.uniform(np.log(0.01), np.log(300), 96))
+    levels = np.clip(np.rint(rng.laplace(0, scales, (2048, 96))), LEVEL_MIN, LEVEL_MAX).astype(np.int16)
+    levels[:, 0] = 0  # a column that never varies
+    levels[5, 1], levels[6, 1] = LEVEL_MIN, LEVEL_MAX  # the extremes of the range
+    data = encode_levels(levels)
+    np.testing.assert_array_equal(decode_levels(data, *levels.shape), levels)
+    assert abs(len(data) * 8 / laplace_bits(levels) - 1) < 0.03  # what the rate control plans is what it costs
+    for rows in (1, 0):
+        np.testing.assert_array_equal(decode_levels(encode_levels(levels[:rows]), rows, 96), levels[:rows])
+    with pytest.raises(ValueError, match="damaged"):
+        decode_levels(data[:-3], *levels.shape)
+
+
+def test_entropy_coding_without_constriction_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "constriction", None)  # import constriction now fails
+    ans._constriction.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=re.escape("pip install 'hff-cache[entropy]'")):
+            encode_levels(np.zeros((2, 3), np.int16))
+    finally:
+        ans._constriction.cache_clear()
+
+
+def test_tpcae_beats_tpca_at_equal_bytes_where_variances_span_decades() -> None:
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(50, 300, 10)
+    spread = np.exp(rng.normal(0, 2.0, 128))
+    x = (rng.laplace(0, 1, (int(lengths.sum()), 128)) * spread).astype(np.float32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    codec = get_codec("tpcae")
+    stored = codec.encode_part(x, starts, codec.fit(x, starts))
+    coded = len(encode_levels(stored[MAIN])) + 2 * len(x) / codec.group  # the levels and one scale per group
+    assert coded / x.size <= 0.25
+    err = {n: float(np.square(round_trip(n, x, starts, 128) - x).mean()) for n in ("tpca", "tpcae")}
+    assert err["tpcae"] < 0.7 * err["tpca"]  # fractional bits where fixed-width codes spend whole ones
+
+
+@pytest.mark.parametrize("bits", [1.0, 2.0, 3.0])
+def test_tpcae_on_disk_lands_on_its_rate(tmp_path: Path, bits: float) -> None:
+    rng = np.random.default_rng(8)
+    x, _ = whisper_like(rng, [1000] * 6, 256)
+    meta = CacheMeta(encoder=EncoderInfo(name="t", hidden_size=256, num_hidden_states=1), layers=[0],
+                     codec=CodecSpec("tpcae", {"bits": bits}))
+    with CacheWriter(str(tmp_path / "c"), meta) as w:
+        for i in range(6):
+            w.add(f"u{i}", x[None, i * 1000:(i + 1) * 1000])
+    part = tmp_path / "c" / "parts" / "w000-000001"
+    stored = sum(f.stat().st_size for f in part.rglob("*") if f.is_file() and f.name != "zarr.json"
+                 and f.relative_to(part).parts[0].startswith(("layer_", "pscale_")))  # the codes, not the fit
+    assert 0.85 * bits / 8 <= stored / x.size <= 1.03 * bits / 8, stored / x.size
+    y = np.concatenate(CacheReader(str(tmp_path / "c")).read_many(range(6)))[:, 0]
+    assert np.linalg.norm(y - x) / np.linalg.norm(x) < {1.0: 0.2, 2.0: 0.1, 3.0: 0.065}[bits]

@@ -46,7 +46,8 @@ SAMPLE_UTTS = 16  # utterances compared with the source after the transcode
 # Codecs state no error bound, so the sample check compares the destination's decode with the source's:
 # relative error = ||dst - src|| / ||src|| per layer. Limits are generous multiples of the errors measured in
 # docs/cache_format.md ("Codecs"); they catch a broken transcode, not a codec's ordinary rounding.
-REL_TOLERANCE = {"fp16": 1e-3, "int8": 0.1, "int4": 0.5, "int4b": 0.3, "nf4b": 0.3, "tpca": 0.4, "tpcap": 0.4}
+REL_TOLERANCE = {"fp16": 1e-3, "int8": 0.1, "int4": 0.5, "int4b": 0.3, "nf4b": 0.3, "tpca": 0.4, "tpcap": 0.4,
+                 "tpcae": 0.4, "tpcape": 0.4}
 DEFAULT_REL_TOLERANCE = 0.5  # a codec registered later, of unknown precision
 FIT_FRAMES = 60_000  # frames (20 min at 50 Hz) of SRC, spread over it, that a codec with a fit is fitted on
 

@@ -16,11 +16,13 @@ from ..format import CacheFormatError
 from .base import MAIN, Codec
 from .scalar import FP16Codec, Int4BlockCodec, Int4Codec, Int8Codec, NF4BlockCodec
 from .tpca import TPCACodec, frame_layout, tpca_decode_blobs, tpca_segments
+from .tpcae import TPCAECodec
 from .tpcap import TPCAPCodec
+from .tpcape import TPCAPECodec
 
 __all__ = ["CODECS", "MAIN", "Codec", "FP16Codec", "Int4BlockCodec", "Int4Codec", "Int8Codec", "NF4BlockCodec",
-           "TPCACodec", "TPCAPCodec", "frame_layout", "get_codec", "register_codec", "tpca_decode_blobs",
-           "tpca_segments"]
+           "TPCACodec", "TPCAECodec", "TPCAPCodec", "TPCAPECodec", "frame_layout", "get_codec", "register_codec",
+           "tpca_decode_blobs", "tpca_segments"]
 
 # The registry. A new codec is one file in this package plus one line here (docs/contributing.md).
 CODECS: dict[str, Callable[..., Codec]] = {
@@ -31,6 +33,8 @@ CODECS: dict[str, Callable[..., Codec]] = {
     "nf4b": NF4BlockCodec,
     "tpca": TPCACodec,
     "tpcap": TPCAPCodec,
+    "tpcae": TPCAECodec,
+    "tpcape": TPCAPECodec,
 }
 
 

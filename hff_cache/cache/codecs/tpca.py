@@ -338,16 +338,22 @@ def tpca_decode_blobs(blobs: np.ndarray, fit: dict[str, np.ndarray], kinds: list
             parts[pos] = y
         else:
             parts[pos] += y
-    out = np.empty((len(blobs), len(kinds), mean.shape[0]), np.float32)
     parts = [np.zeros((len(blobs), mean.shape[0]), np.float32) if p is None else p for p in parts]
-    if len(kinds) == 1:
+    return inverse_dct(parts, time, mean)
+
+
+def inverse_dct(parts: list[np.ndarray], time: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """(n, D) float32 coefficient frames, one per DCT coefficient (one part: single frames) -> (n, len(parts),
+    D) frames plus ``mean``, in the fixed order of operations the torch decoders repeat."""
+    out = np.empty((len(parts[0]), len(parts), mean.shape[0]), np.float32)
+    if len(parts) == 1:
         np.add(parts[0], mean, out=out[:, 0])
         return out
     tmp = np.empty_like(parts[0])
-    for t in range(len(kinds)):  # inverse DCT, one coefficient at a time in a fixed order
+    for t in range(len(parts)):  # inverse DCT, one coefficient at a time in a fixed order
         acc = out[:, t]
         np.multiply(parts[0], time[0, t], out=acc)
-        for k in range(1, len(kinds)):
+        for k in range(1, len(parts)):
             np.multiply(parts[k], time[k, t], out=tmp)
             acc += tmp
         acc += mean

@@ -1,4 +1,5 @@
-"""tpcap: tpca of what the decoded hidden state below does not predict (docs/cache_format.md, "Codecs")."""
+"""tpcap: tpca of what the decoded hidden state below does not predict, and the prediction any residual codec can
+mix in (docs/cache_format.md, "Codecs")."""
 
 from __future__ import annotations
 
@@ -13,28 +14,28 @@ from .tpca import TPCACodec
 _RIDGE = 1e-6  # of the mean diagonal of the normal equations: keeps a never-varying dimension solvable
 
 
-class TPCAPCodec(TPCACodec):
-    """tpca of each stored hidden state's residual after a linear prediction from the decoded state below it.
+class LinearPrediction:
+    """A residual codec's layers coded after a linear prediction from the decoded stored layer below (mixed in
+    before the residual codec: ``class C(LinearPrediction, ResidualCodec)``; the residual codec's ``fit``,
+    ``encode_part`` and ``decode`` code what the prediction misses).
 
     A transformer's hidden states are a residual stream: on Whisper tiny.en a least-squares map of one state
-    predicts 71-77% of the next one's variance, so coding only what it misses halves tpca's error after
-    LayerNorm at the same bytes (docs/results.md). The prediction reads the state below *as decoded*
-    (closed loop: the encoder predicts from what a decoder will have), so quantisation errors do not build up
-    along the layers; decoding a state therefore decodes every stored state below it first (``chained``: the
-    reader does so). The first stored state is plain tpca. Fitted per layer, besides tpca's statistics of the
-    residual: ``ppred``, the prediction (D + 1, D) float32 (bias in the last row); (0, D) for the first state.
+    predicts 71-77% of the next one's variance (docs/results.md). The prediction reads the state below *as
+    decoded* (closed loop: the encoder predicts from what a decoder will have), so quantisation errors do not
+    build up along the layers; decoding a state therefore decodes every stored state below it first
+    (``chained``: the reader does so). The first stored state has no prediction. Fitted per layer, besides the
+    residual codec's statistics: ``ppred``, the prediction (D + 1, D) float32 (bias in the last row); (0, D)
+    for the first state.
     """
 
-    name = "tpcap"
-    fit_suffixes = (*TPCACodec.fit_suffixes, "ppred")
     chained = True
 
     # -- fit --
 
     def fit(self, x: np.ndarray, starts: np.ndarray | None = None,
             below: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """tpca's fit of the residual of ``x`` after the least-squares prediction from ``below`` (the decoded
-        state below, the same frames; None for the first stored state)."""
+        """The residual codec's fit of the residual of ``x`` after the least-squares prediction from ``below``
+        (the decoded state below, the same frames; None for the first stored state)."""
         x = np.asarray(x, dtype=np.float32)
         weights = self._least_squares(below, x)
         return {**super().fit(x - predict(below, weights), starts), "ppred": weights}
@@ -91,17 +92,25 @@ class TPCAPCodec(TPCACodec):
     # -- decode --
 
     def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
-        """Rows ``rows``: the residual decoded as tpca plus the prediction from ``stored["below"]``, the same
-        rows of the state below decoded (float32; None for the first stored state)."""
+        """Rows ``rows``: the residual as the residual codec decodes it, plus the prediction from
+        ``stored["below"]``, the same rows of the state below decoded (float32; None for the first stored state)."""
         out = super().decode(stored, rows, np.float32)
         weights = np.asarray(stored["ppred"])
         if len(weights):
             below = stored.get("below")
             if below is None:
-                raise ValueError("tpcap: this hidden state decodes from the decoded state below it "
+                raise ValueError(f"{self.name}: this hidden state decodes from the decoded state below it "
                                  "(decode the stored layers in order)")
             out += predict(below, weights)
         return out.astype(dtype, copy=False)
+
+
+class TPCAPCodec(LinearPrediction, TPCACodec):
+    """tpca of each stored hidden state's residual after a linear prediction from the decoded state below it:
+    at tpca's bytes, half its error after LayerNorm on Whisper tiny.en (docs/results.md)."""
+
+    name = "tpcap"
+    fit_suffixes = (*TPCACodec.fit_suffixes, "ppred")
 
 
 def predict(below: np.ndarray | None, weights: np.ndarray) -> np.ndarray | float:

@@ -1,0 +1,221 @@
+"""tpcae: tpca's transform, one uniform step for every coefficient, the levels entropy-coded (docs/cache_format.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..format import CHUNK_FRAMES, ZSTD_LEVEL
+from .ans import LEVEL_MAX, LaplaceANSCodec, laplace_bits
+from .base import MAIN, Codec
+from .tpca import dct_matrix, frame_layout, inverse_dct
+
+_SCALE_BITS = 16  # one float16 scale per group of frames (stored with each of its frames; zstd folds the copies)
+_STEP_RANGE = (1e-3, 1e3)  # the rate control's search range of the step, in units of a group's RMS
+_STEP_TRIES = 24  # bisection steps on log(step): the rate lands within ~0.1% of the target
+_FLUSH_BITS = 64  # the ANS coder's last words per chunk
+_CODER_OVERHEAD = 1.01  # ANS with 24-bit probabilities codes ~0.4-1% above the models' information content
+
+
+class TPCAECodec(Codec):
+    """``bits`` per value on average, entropy-coded: frames in groups of ``group`` through a DCT along time,
+    each frame through a per-layer PCA rotation, every coefficient divided by one step (``pstep`` times its
+    group's RMS) and rounded, the integer levels coded by an adaptive Laplace model per column (``ans``).
+
+    Why not tpca's fixed-width codes: with one step for all coefficients, every coefficient gets the same
+    error, which is what minimises the total squared error at a given rate (reverse water-filling), a
+    coefficient much smaller than the step simply rounds to 0 and costs almost nothing, and the entropy coder
+    spends on each column what its distribution needs, not whole bits (docs/results.md: at 0.25 B/value,
+    30% less error than tpca on Whisper tiny.en's residuals). The step is fitted with the rest (the rate
+    control estimates the coder's bits on the fit's frames). Codes: int16 levels, one row per frame, a
+    group's ``group`` x D coefficients dealt over its rows by variance rank (rank r to row r mod group, column
+    r // group) so that each column holds coefficients of about the same variance, as the per-column model
+    assumes; ``pscale``, the group's RMS, float16 per frame. Fit per layer: ``pmean``, ``pbasis`` (int8
+    rotation rows), ``pgain`` (per column), ``pstep`` and ``pdeal`` (which coefficient each row type's column
+    holds). Levels are int16: with one step for all, the few largest coefficients (Whisper's outlier
+    dimensions) need levels in the hundreds. No torch decoder yet (compressed residency holds it as float16):
+    a bit-exact one would split the levels into bytes, each product with the int8 basis exact in float32.
+    """
+
+    name = "tpcae"
+    dtype = np.dtype("<i2")
+    side_suffixes = ("pscale",)
+    frame_suffixes = ("pscale",)
+    fit_suffixes = ("pmean", "pbasis", "pgain", "pstep", "pdeal")
+    needs_starts = True
+    rel_error = 0.12
+
+    def __init__(self, level: int = ZSTD_LEVEL, bits: float = 2.0, group: int = 4) -> None:
+        super().__init__(level)
+        if not 0.25 <= float(bits) <= 7:
+            raise ValueError(f"{self.name} bits per value must be within 0.25..7, got {bits}")
+        if not 1 <= int(group) <= 16:
+            raise ValueError(f"{self.name} group must be 1..16 frames, got {group}")
+        self.bits, self.group = float(bits), int(group)
+        self._time = dct_matrix(self.group)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"level": self.level, "bits": self.bits, "group": self.group}
+
+    @property
+    def bytes_per_value(self) -> float:  # type: ignore[override]
+        return self.bits / 8  # the rate control's target; what lands on disk is measured (docs/results.md)
+
+    def compressors(self) -> list[Any]:
+        return [LaplaceANSCodec()]
+
+    def frame_nbytes(self, dim: int) -> float:
+        return 2.0 * dim + 2.0  # levels and scale as decoded from the entropy coder
+
+    # -- fit --
+
+    def fit(self, x: np.ndarray, starts: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per-layer statistics of a sample of frames (utterances starting at ``starts``)."""
+        x = np.asarray(x, dtype=np.float32)
+        dim = x.shape[1]
+        mean = x.mean(axis=0).astype(np.float32) if len(x) else np.zeros(dim, np.float32)
+        xc = x - mean
+        eigval, eigvec = np.linalg.eigh(xc.T.astype(np.float64) @ xc.astype(np.float64))
+        rot = eigvec[:, np.argsort(-eigval, kind="stable")].T  # rows: principal axes, largest variance first
+        gain = (np.abs(rot).max(axis=0) / 127).astype(np.float32)
+        gain[gain == 0] = 1
+        basis = np.rint(rot / gain).astype(np.int8)
+        fit = {"pmean": mean, "pbasis": basis, "pgain": gain, "pstep": np.ones(1, np.float32)}
+        grouped, singles = self._normalised(xc, starts, fit)
+        fit["pdeal"] = self._deal(grouped, singles, dim)
+        fit["pstep"] = np.asarray([self._rate_control(grouped, singles, dim)], np.float32)
+        return fit
+
+    def _deal(self, grouped: np.ndarray, singles: np.ndarray, dim: int) -> np.ndarray:
+        """(group + 1, D) int32: the coefficient (k * D + component; singles: the component) in each column of
+        each row type, by variance rank."""
+        g = self.group
+        var_g = np.mean(np.square(grouped, dtype=np.float64), axis=0).ravel() if len(grouped) else np.zeros(g * dim)
+        var_s = np.mean(np.square(singles, dtype=np.float64), axis=0) if len(singles) else var_g.reshape(g, dim)[0]
+        deal = np.empty((g + 1, dim), np.int32)
+        deal[:g] = np.argsort(-var_g, kind="stable").reshape(dim, g).T
+        deal[g] = np.argsort(-var_s, kind="stable")
+        return deal
+
+    def _rate_control(self, grouped: np.ndarray, singles: np.ndarray, dim: int) -> float:
+        """The step (in units of a group's RMS) whose estimated coded size is ``bits`` a value, scales
+        included: bisection on log(step)."""
+        values = grouped.size + singles.size
+        if not values:
+            return 1.0
+        rows = len(grouped) * self.group + len(singles)
+        header = (8 * dim + _FLUSH_BITS) * rows / CHUNK_FRAMES  # each chunk's column scales and final ANS words
+        budget = (self.bits * values - _SCALE_BITS * (len(grouped) + len(singles)) - header) / _CODER_OVERHEAD
+        cap = LEVEL_MAX
+        lo, hi = np.log(_STEP_RANGE[0]), np.log(_STEP_RANGE[1])
+        for _ in range(_STEP_TRIES):
+            step = float(np.exp((lo + hi) / 2))
+            spent = sum(laplace_bits(np.clip(np.rint(u / step), -cap, cap).reshape(len(u), u[0].size))
+                        for u in (grouped, singles) if len(u))
+            lo, hi = (lo, np.log(step)) if spent <= budget else (np.log(step), hi)
+        return float(np.exp(hi))  # the smallest step tried that fits
+
+    def _normalised(self, xc: np.ndarray, starts: np.ndarray | None, fit: dict[str, np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """(groups, group, D) and (singles, D) coefficients, each divided by its group's RMS."""
+        grouped, singles, gs, ss = self._coefficients(xc, starts, fit)
+        return grouped / _safe(gs)[:, None, None], singles / _safe(ss)[:, None]
+
+    def _coefficients(self, xc: np.ndarray, starts: np.ndarray | None, fit: dict[str, np.ndarray]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The rotated coefficients of centred frames: (groups, group, D) after the DCT and (singles, D), with
+        each group's (and single's) RMS rounded to float16, as stored."""
+        rows = fit["pbasis"].astype(np.float32) * fit["pgain"]
+        norm2 = np.square(rows).sum(axis=1)
+        coef = (xc @ rows.T) / np.where(norm2 > 0, norm2, 1)  # least squares on the near-orthonormal int8 rows
+        first, single = frame_layout(np.zeros(1) if starts is None else starts, len(xc), self.group)
+        grouped = np.einsum("kn,gnd->gkd", self._time, coef[first[:, None] + np.arange(self.group)])
+        singles = coef[single]
+        gs = _rms16(grouped.reshape(len(grouped), self.group * xc.shape[1]))
+        return grouped, singles, gs, _rms16(singles)
+
+    # -- encode --
+
+    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.encode_part(x)
+
+    def encode_part(self, x: np.ndarray, starts: np.ndarray | None = None,
+                    fit: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Levels and scales of the part's frames (one utterance when ``starts`` is None); without ``fit`` the
+        codec fits itself on ``x`` (a writer always passes its worker's fit)."""
+        x = np.asarray(x, dtype=np.float32)
+        dim, g = x.shape[1], self.group
+        levels, scale = np.zeros((len(x), dim), np.int16), np.zeros(len(x), np.float16)
+        if not len(x):
+            return {MAIN: levels, "pscale": scale}
+        fit = fit if fit is not None else self.fit(x, starts)
+        grouped, singles, gs, ss = self._coefficients(x - fit["pmean"], starts, fit)
+        step, cap, deal = float(fit["pstep"][0]), LEVEL_MAX, np.asarray(fit["pdeal"])
+        first, single = frame_layout(np.zeros(1) if starts is None else starts, len(x), g)
+
+        def quantise(u: np.ndarray, s: np.ndarray) -> np.ndarray:
+            return np.clip(np.rint(u / (step * _safe(s).astype(np.float32))[:, None]), -cap, cap).astype(np.int16)
+
+        if len(first):
+            rows = first[:, None] + np.arange(g)
+            levels[rows] = quantise(grouped.reshape(len(first), -1), gs)[:, deal[:g]]
+            scale[rows] = gs[:, None]
+        if len(single):
+            levels[single] = quantise(singles, ss)[:, deal[g]]
+            scale[single] = ss
+        return {MAIN: levels, "pscale": scale}
+
+    # -- decode --
+
+    def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
+        main = stored[MAIN]
+        total, g = int(main.shape[0]), self.group
+        lo, hi, _ = rows.indices(total)
+        first, single = frame_layout(stored.get("starts", np.zeros(1)), total, g)
+        first = first[(first + g > lo) & (first < hi)]  # groups that overlap the rows asked
+        single = single[(single >= lo) & (single < hi)]
+        a = min(lo, int(first[0])) if len(first) else lo
+        z = max(hi, int(first[-1]) + g) if len(first) else hi
+        levels, scale = np.asarray(main[a:z]), np.asarray(stored["pscale"][a:z])
+        fit = {k: np.asarray(stored[k]) for k in self.fit_suffixes}
+        out = np.zeros((z - a, fit["pmean"].shape[0]), np.float32)
+        if len(first):
+            idx = (first - a)[:, None] + np.arange(g)
+            out[idx] = tpcae_decode_groups(levels[idx], scale[idx[:, 0]], fit, self._time)
+        if len(single):
+            out[single - a] = tpcae_decode_groups(levels[single - a][:, None], scale[single - a], fit, self._time,
+                                                  singles=True)[:, 0]
+        return out[lo - a:hi - a].astype(dtype, copy=False)
+
+
+def tpcae_decode_groups(levels: np.ndarray, scale: np.ndarray, fit: dict[str, np.ndarray], time: np.ndarray,
+                        singles: bool = False) -> np.ndarray:
+    """(n, rows, D) int16 levels of n groups of ``rows`` frames (``singles``: n single frames, rows = 1) and
+    their (n,) float16 scales -> (n, rows, D) float32 frames."""
+    n, rows, dim = levels.shape
+    deal = np.asarray(fit["pdeal"])
+    coded = np.zeros((n, rows * dim), np.float32)
+    coded[:, deal[-1:] if singles else deal[:rows]] = levels  # each column back to its coefficient
+    step = scale.astype(np.float32) * np.float32(fit["pstep"][0])
+    basis = fit["pbasis"].astype(np.float32)
+    parts = []
+    for k in range(rows):
+        y = coded[:, k * dim:(k + 1) * dim] @ basis
+        y *= fit["pgain"]
+        y *= step[:, None]
+        parts.append(y)
+    return inverse_dct(parts, time if not singles else np.ones((1, 1), np.float32), fit["pmean"])
+
+
+def _rms16(u: np.ndarray) -> np.ndarray:
+    """Per row the RMS, rounded to float16 (what is stored, and what the encoder divides by)."""
+    if not len(u):
+        return np.zeros(0, np.float16)
+    return np.minimum(np.sqrt(np.mean(np.square(u, dtype=np.float64), axis=1)), 65504).astype(np.float16)
+
+
+def _safe(s: np.ndarray) -> np.ndarray:
+    s = np.asarray(s, np.float32)
+    return np.where(s > 0, s, 1).astype(np.float32)
