@@ -34,11 +34,14 @@ _EMPTY = 2**64 - 1  # a shard index entry of an inner chunk that was never writt
 
 def chunk_decoder(codecs: Sequence[Any], dtype: Any, chunk_shape: Sequence[int]) -> Any | None:
     """A function from one stored chunk's bytes to its (chunk_shape) array, or None when the pipeline is not
-    one the writer makes (bytes, optionally a numcodecs byte shuffle, then zstd), which zarr then decodes.
+    one the writer makes (bytes, optionally a numcodecs byte shuffle, then zstd; or bytes then tpcae's
+    entropy coder), which zarr then decodes.
 
     Why not zarr: its asynchronous codec pipeline costs as much again as the decompression itself on a
     loader's chunk (benchmarks/training_cost.py, docs/results.md); the bytes and the values are zarr's."""
     import numcodecs
+
+    from .codecs.ans import LaplaceANSCodec, decode_levels
 
     if not codecs or not isinstance(codecs[0], BytesCodec) or codecs[0].endian not in (Endian.little, None):
         return None
@@ -49,6 +52,9 @@ def chunk_decoder(codecs: Sequence[Any], dtype: Any, chunk_shape: Sequence[int])
             steps.append(numcodecs.Zstd().decode)
         elif getattr(codec, "codec_name", "") == "numcodecs.shuffle" and config and config.get("elementsize"):
             steps.append(numcodecs.Shuffle(elementsize=int(config["elementsize"])).decode)
+        elif isinstance(codec, LaplaceANSCodec):  # tpcae's entropy-coded levels
+            rows, cols = int(chunk_shape[0]), int(np.prod(chunk_shape[1:], dtype=np.int64))
+            steps.append(lambda data, r=rows, c=cols: decode_levels(data, r, c).astype("<i2"))
         else:
             return None
     dt, shape = np.dtype(dtype).newbyteorder("<"), tuple(int(n) for n in chunk_shape)

@@ -42,7 +42,7 @@
 #      then K = L/2's further seeds.
 #  10  summary tables and figures (hff-cache summary) into $exp/report/.
 #  11  cache v2 (issue 14): `hierarchical` on the 1-hour subset from fp16, then from train and valid
-#      transcoded to tpcap and to tpca (both 0.25 B/value), with the same seeds (seed 0's fp16 row is stage
+#      transcoded to tpcape, tpcap and tpca (all 0.25 B/value), with the same seeds (seed 0's fp16 row is stage
 #      7's), so each codec row is paired with an fp16 row of the same seed and utterances.
 set -euo pipefail
 
@@ -269,7 +269,9 @@ for enc in $encoders; do
       train "$enc/subset_asr_hierarchical-s$seed" --cache "$c/train.zarr" --valid-cache "$c/valid.zarr" \
         "${sub[@]}" --seed "$seed"
     done
-    for codec in tpcap tpca; do  # tpcap: tpca of what the layer below does not predict, the same bytes
+    # tpcape: entropy-coded levels of what the layer below does not predict; tpcap: the same with tpca's
+    # fixed-width codes; tpca: neither. All three at 0.25 B/value.
+    for codec in tpcape tpcap tpca; do
       for split in train valid; do
         hff-cache transcode "$c/$split.zarr" "$c/$split-$codec.zarr" --codec "$codec" --no-progress
       done

@@ -145,7 +145,32 @@ def _best_scale(units: list[np.ndarray], weights: list[np.ndarray], bits: int) -
     return best
 
 
-class TPCACodec(Codec):
+class TimeGroupCodec(Codec):
+    """What the transform codecs share: frames in groups of ``group`` through a DCT along time, ``bits`` a
+    value on average."""
+
+    bits_range: tuple[float, float] = (0.5, MAX_BITS)
+
+    def __init__(self, level: int = ZSTD_LEVEL, bits: float = 2.0, group: int = 4) -> None:
+        super().__init__(level)
+        lo, hi = self.bits_range
+        if not lo <= float(bits) <= hi:
+            raise ValueError(f"{self.name} bits per value must be within {lo:g}..{hi:g}, got {bits}")
+        if not 1 <= int(group) <= 16:
+            raise ValueError(f"{self.name} group must be 1..16 frames, got {group}")
+        self.bits, self.group = float(bits), int(group)
+        self._time = dct_matrix(self.group)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"level": self.level, "bits": self.bits, "group": self.group}
+
+    @property
+    def bytes_per_value(self) -> float:  # type: ignore[override]
+        return self.bits / 8  # tpca: exact when bits * D is a multiple of 8; tpcae: its rate control's target
+
+
+class TPCACodec(TimeGroupCodec):
     """About 2 bits per value: frames in groups of ``group`` through a DCT along time, each frame through a
     per-layer PCA rotation, bits allocated by variance, the rest dropped.
 
@@ -164,23 +189,6 @@ class TPCACodec(Codec):
     fit_suffixes = ("pmean", "pbasis", "pgain", "pcount")
     needs_starts = True
     rel_error = 0.12
-
-    def __init__(self, level: int = ZSTD_LEVEL, bits: float = 2.0, group: int = 4) -> None:
-        super().__init__(level)
-        if not 0.5 <= float(bits) <= MAX_BITS:
-            raise ValueError(f"tpca bits per value must be within 0.5..{MAX_BITS}, got {bits}")
-        if not 1 <= int(group) <= 16:
-            raise ValueError(f"tpca group must be 1..16 frames, got {group}")
-        self.bits, self.group = float(bits), int(group)
-        self._time = dct_matrix(self.group)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"level": self.level, "bits": self.bits, "group": self.group}
-
-    @property
-    def bytes_per_value(self) -> float:  # type: ignore[override]
-        return self.bits / 8  # exact when bits * D is a multiple of 8
 
     def row_bytes(self, dim: int) -> int:
         return int(self.bits * dim) // 8

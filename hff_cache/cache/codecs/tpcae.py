@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from ..format import CHUNK_FRAMES, ZSTD_LEVEL
+from ..format import CHUNK_FRAMES
 from .ans import LEVEL_MAX, LaplaceANSCodec, laplace_bits
-from .base import MAIN, Codec
-from .tpca import dct_matrix, frame_layout, inverse_dct
+from .base import MAIN
+from .tpca import TimeGroupCodec, frame_layout, inverse_dct
 
 _SCALE_BITS = 16  # one float16 scale per group of frames (stored with each of its frames; zstd folds the copies)
 _STEP_RANGE = (1e-3, 1e3)  # the rate control's search range of the step, in units of a group's RMS
@@ -18,7 +18,7 @@ _FLUSH_BITS = 64  # the ANS coder's last words per chunk
 _CODER_OVERHEAD = 1.01  # ANS with 24-bit probabilities codes ~0.4-1% above the models' information content
 
 
-class TPCAECodec(Codec):
+class TPCAECodec(TimeGroupCodec):
     """``bits`` per value on average, entropy-coded: frames in groups of ``group`` through a DCT along time,
     each frame through a per-layer PCA rotation, every coefficient divided by one step (``pstep`` times its
     group's RMS) and rounded, the integer levels coded by an adaptive Laplace model per column (``ans``).
@@ -45,23 +45,7 @@ class TPCAECodec(Codec):
     fit_suffixes = ("pmean", "pbasis", "pgain", "pstep", "pdeal")
     needs_starts = True
     rel_error = 0.12
-
-    def __init__(self, level: int = ZSTD_LEVEL, bits: float = 2.0, group: int = 4) -> None:
-        super().__init__(level)
-        if not 0.25 <= float(bits) <= 7:
-            raise ValueError(f"{self.name} bits per value must be within 0.25..7, got {bits}")
-        if not 1 <= int(group) <= 16:
-            raise ValueError(f"{self.name} group must be 1..16 frames, got {group}")
-        self.bits, self.group = float(bits), int(group)
-        self._time = dct_matrix(self.group)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"level": self.level, "bits": self.bits, "group": self.group}
-
-    @property
-    def bytes_per_value(self) -> float:  # type: ignore[override]
-        return self.bits / 8  # the rate control's target; what lands on disk is measured (docs/results.md)
+    bits_range = (0.25, 7.0)
 
     def compressors(self) -> list[Any]:
         return [LaplaceANSCodec()]
