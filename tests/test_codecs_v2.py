@@ -541,6 +541,9 @@ def test_entropy_coding_without_constriction_names_the_extra(monkeypatch: pytest
     try:
         with pytest.raises(ImportError, match=re.escape("pip install 'hff-cache[entropy]'")):
             encode_levels(np.zeros((2, 3), np.int16))
+        for name in ("tpcae", "tpcape"):  # a writer or a reader asks for the codec first: it fails there
+            with pytest.raises(CacheFormatError, match=re.escape("pip install 'hff-cache[entropy]'")):
+                get_codec(name)
     finally:
         ans._constriction.cache_clear()
 

@@ -54,3 +54,5 @@ def get_codec(name: str, **params: Any) -> Codec:
         return CODECS[name](**params)
     except TypeError as e:
         raise CacheFormatError(f"bad parameters for codec {name!r}: {params} ({e})") from e
+    except ImportError as e:  # an optional library the codec needs: say which extra installs it
+        raise CacheFormatError(str(e)) from e

@@ -33,12 +33,17 @@ _GRID, _ZERO = 12, 96  # scale codes: scale = 2 ** ((code - _ZERO) / _GRID), 2^-
 _LOG2E = float(np.log2(np.e))
 
 
+def require_entropy_coder() -> None:
+    """ImportError naming the extra when constriction is missing."""
+    _constriction()
+
+
 @cache
 def _constriction() -> Any:
     try:
         import constriction
     except ImportError as e:
-        raise ImportError(f"entropy-coded codes (codec tpcae/tpcape) need constriction, which is not installed: "
+        raise ImportError(f"the entropy-coded codecs (tpcae, tpcape) need constriction, which is not installed: "
                           f"{ENTROPY_EXTRA}") from e
     return constriction
 

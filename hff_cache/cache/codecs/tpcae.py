@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from ..format import CHUNK_FRAMES
-from .ans import LEVEL_MAX, LaplaceANSCodec, laplace_bits
+from ..format import CHUNK_FRAMES, ZSTD_LEVEL
+from .ans import LEVEL_MAX, LaplaceANSCodec, laplace_bits, require_entropy_coder
 from .base import MAIN
 from .tpca import TimeGroupCodec, frame_layout, inverse_dct
 
@@ -46,6 +46,10 @@ class TPCAECodec(TimeGroupCodec):
     needs_starts = True
     rel_error = 0.12
     bits_range = (0.25, 7.0)
+
+    def __init__(self, level: int = ZSTD_LEVEL, bits: float = 2.0, group: int = 4) -> None:
+        require_entropy_coder()  # before any work: a writer or reader without it fails at once, saying why
+        super().__init__(level, bits, group)
 
     def compressors(self) -> list[Any]:
         return [LaplaceANSCodec()]
