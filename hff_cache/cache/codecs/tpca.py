@@ -169,6 +169,25 @@ class TimeGroupCodec(Codec):
     def bytes_per_value(self) -> float:  # type: ignore[override]
         return self.bits / 8  # tpca: exact when bits * D is a multiple of 8; tpcae: its rate control's target
 
+    def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
+        """Rows ``rows``: a group's frames decode together, so the rows read widen to the groups overlapping
+        them; ``_decode_rows`` fills the widened rows ``a:z`` (groups' first rows and singles relative to a)."""
+        total = int(stored[MAIN].shape[0])
+        lo, hi, _ = rows.indices(total)
+        first, singles = frame_layout(stored.get("starts", np.zeros(1)), total, self.group)
+        first = first[(first + self.group > lo) & (first < hi)]  # groups that overlap the rows asked
+        singles = singles[(singles >= lo) & (singles < hi)]
+        a = min(lo, int(first[0])) if len(first) else lo
+        z = max(hi, int(first[-1]) + self.group) if len(first) else hi
+        fit = {k: np.asarray(stored[k]) for k in self.fit_suffixes}
+        out = np.zeros((z - a, fit["pmean"].shape[0]), np.float32)
+        self._decode_rows(stored, a, z, first - a, singles - a, fit, out)
+        return out[lo - a:hi - a].astype(dtype, copy=False)
+
+    def _decode_rows(self, stored: dict[str, Any], a: int, z: int, first: np.ndarray, singles: np.ndarray,
+                     fit: dict[str, np.ndarray], out: np.ndarray) -> None:
+        raise NotImplementedError
+
 
 class TPCACodec(TimeGroupCodec):
     """About 2 bits per value: frames in groups of ``group`` through a DCT along time, each frame through a
@@ -308,24 +327,14 @@ class TPCACodec(TimeGroupCodec):
 
     # -- decode --
 
-    def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
-        main = stored[MAIN]
-        total = int(main.shape[0])
-        lo, hi, _ = rows.indices(total)
-        first, singles = frame_layout(stored.get("starts", np.zeros(1)), total, self.group)
-        first = first[(first + self.group > lo) & (first < hi)]  # groups that overlap the rows asked
-        singles = singles[(singles >= lo) & (singles < hi)]
-        a = min(lo, int(first[0])) if len(first) else lo
-        z = max(hi, int(first[-1]) + self.group) if len(first) else hi
-        raw = np.asarray(main[a:z])
-        fit = {k: np.asarray(stored[k]) for k in self.fit_suffixes}
-        out = np.zeros((z - a, fit["pmean"].shape[0]), np.float32)
+    def _decode_rows(self, stored: dict[str, Any], a: int, z: int, first: np.ndarray, singles: np.ndarray,
+                     fit: dict[str, np.ndarray], out: np.ndarray) -> None:
+        raw = np.asarray(stored[MAIN][a:z])
         if len(first):
-            idx = (first - a)[:, None] + np.arange(self.group)
+            idx = first[:, None] + np.arange(self.group)
             out[idx] = tpca_decode_blobs(raw[idx].reshape(len(first), -1), fit, list(range(self.group)), self._time)
         if len(singles):
-            out[singles - a] = tpca_decode_blobs(raw[singles - a], fit, [self.group], self._time)[:, 0]
-        return out[lo - a:hi - a].astype(dtype, copy=False)
+            out[singles] = tpca_decode_blobs(raw[singles], fit, [self.group], self._time)[:, 0]
 
 
 def tpca_decode_blobs(blobs: np.ndarray, fit: dict[str, np.ndarray], kinds: list[int],

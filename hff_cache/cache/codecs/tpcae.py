@@ -96,11 +96,10 @@ class TPCAECodec(TimeGroupCodec):
         rows = len(grouped) * self.group + len(singles)
         header = (8 * dim + _FLUSH_BITS) * rows / CHUNK_FRAMES  # each chunk's column scales and final ANS words
         budget = (self.bits * values - _SCALE_BITS * (len(grouped) + len(singles)) - header) / _CODER_OVERHEAD
-        cap = LEVEL_MAX
         lo, hi = np.log(_STEP_RANGE[0]), np.log(_STEP_RANGE[1])
         for _ in range(_STEP_TRIES):
             step = float(np.exp((lo + hi) / 2))
-            spent = sum(laplace_bits(np.clip(np.rint(u / step), -cap, cap).reshape(len(u), u[0].size))
+            spent = sum(laplace_bits(np.clip(np.rint(u / step), -LEVEL_MAX, LEVEL_MAX).reshape(len(u), u[0].size))
                         for u in (grouped, singles) if len(u))
             lo, hi = (lo, np.log(step)) if spent <= budget else (np.log(step), hi)
         return float(np.exp(hi))  # the smallest step tried that fits
@@ -108,13 +107,14 @@ class TPCAECodec(TimeGroupCodec):
     def _normalised(self, xc: np.ndarray, starts: np.ndarray | None, fit: dict[str, np.ndarray]
                     ) -> tuple[np.ndarray, np.ndarray]:
         """(groups, group, D) and (singles, D) coefficients, each divided by its group's RMS."""
-        grouped, singles, gs, ss = self._coefficients(xc, starts, fit)
+        grouped, singles, gs, ss, _, _ = self._coefficients(xc, starts, fit)
         return grouped / _safe(gs)[:, None, None], singles / _safe(ss)[:, None]
 
     def _coefficients(self, xc: np.ndarray, starts: np.ndarray | None, fit: dict[str, np.ndarray]
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The rotated coefficients of centred frames: (groups, group, D) after the DCT and (singles, D), with
-        each group's (and single's) RMS rounded to float16, as stored."""
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The rotated coefficients of centred frames: (groups, group, D) after the DCT and (singles, D), each
+        group's (and single's) RMS rounded to float16, as stored, and the groups' first rows and the singles'
+        rows (``frame_layout``)."""
         rows = fit["pbasis"].astype(np.float32) * fit["pgain"]
         norm2 = np.square(rows).sum(axis=1)
         coef = (xc @ rows.T) / np.where(norm2 > 0, norm2, 1)  # least squares on the near-orthonormal int8 rows
@@ -122,7 +122,7 @@ class TPCAECodec(TimeGroupCodec):
         grouped = np.einsum("kn,gnd->gkd", self._time, coef[first[:, None] + np.arange(self.group)])
         singles = coef[single]
         gs = _rms16(grouped.reshape(len(grouped), self.group * xc.shape[1]))
-        return grouped, singles, gs, _rms16(singles)
+        return grouped, singles, gs, _rms16(singles), first, single
 
     # -- encode --
 
@@ -139,12 +139,11 @@ class TPCAECodec(TimeGroupCodec):
         if not len(x):
             return {MAIN: levels, "pscale": scale}
         fit = fit if fit is not None else self.fit(x, starts)
-        grouped, singles, gs, ss = self._coefficients(x - fit["pmean"], starts, fit)
-        step, cap, deal = float(fit["pstep"][0]), LEVEL_MAX, np.asarray(fit["pdeal"])
-        first, single = frame_layout(np.zeros(1) if starts is None else starts, len(x), g)
+        grouped, singles, gs, ss, first, single = self._coefficients(x - fit["pmean"], starts, fit)
+        step, deal = float(fit["pstep"][0]), np.asarray(fit["pdeal"])
 
         def quantise(u: np.ndarray, s: np.ndarray) -> np.ndarray:
-            return np.clip(np.rint(u / (step * _safe(s).astype(np.float32))[:, None]), -cap, cap).astype(np.int16)
+            return np.clip(np.rint(u / (step * _safe(s))[:, None]), -LEVEL_MAX, LEVEL_MAX).astype(np.int16)
 
         if len(first):
             rows = first[:, None] + np.arange(g)
@@ -157,25 +156,15 @@ class TPCAECodec(TimeGroupCodec):
 
     # -- decode --
 
-    def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
-        main = stored[MAIN]
-        total, g = int(main.shape[0]), self.group
-        lo, hi, _ = rows.indices(total)
-        first, single = frame_layout(stored.get("starts", np.zeros(1)), total, g)
-        first = first[(first + g > lo) & (first < hi)]  # groups that overlap the rows asked
-        single = single[(single >= lo) & (single < hi)]
-        a = min(lo, int(first[0])) if len(first) else lo
-        z = max(hi, int(first[-1]) + g) if len(first) else hi
-        levels, scale = np.asarray(main[a:z]), np.asarray(stored["pscale"][a:z])
-        fit = {k: np.asarray(stored[k]) for k in self.fit_suffixes}
-        out = np.zeros((z - a, fit["pmean"].shape[0]), np.float32)
+    def _decode_rows(self, stored: dict[str, Any], a: int, z: int, first: np.ndarray, singles: np.ndarray,
+                     fit: dict[str, np.ndarray], out: np.ndarray) -> None:
+        levels, scale = np.asarray(stored[MAIN][a:z]), np.asarray(stored["pscale"][a:z])
         if len(first):
-            idx = (first - a)[:, None] + np.arange(g)
-            out[idx] = tpcae_decode_groups(levels[idx], scale[idx[:, 0]], fit, self._time)
-        if len(single):
-            out[single - a] = tpcae_decode_groups(levels[single - a][:, None], scale[single - a], fit, self._time,
-                                                  singles=True)[:, 0]
-        return out[lo - a:hi - a].astype(dtype, copy=False)
+            idx = first[:, None] + np.arange(self.group)
+            out[idx] = tpcae_decode_groups(levels[idx], scale[first], fit, self._time)
+        if len(singles):
+            out[singles] = tpcae_decode_groups(levels[singles][:, None], scale[singles], fit, self._time,
+                                               singles=True)[:, 0]
 
 
 def tpcae_decode_groups(levels: np.ndarray, scale: np.ndarray, fit: dict[str, np.ndarray], time: np.ndarray,
