@@ -32,7 +32,6 @@ from hff_cache.cache.codecs import MAIN, ans, frame_layout
 from hff_cache.cache.codecs.ans import LEVEL_MAX, LEVEL_MIN, decode_levels, encode_levels, laplace_bits
 from hff_cache.cache.format import array_checksum
 from hff_cache.cache.reader import decode_codes
-from hff_cache.cache.transcode import REL_TOLERANCE
 from hff_cache.tasks.task import Task
 from hff_cache.testing import tiny_cache
 
@@ -231,7 +230,7 @@ def transcoded(tiny: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     for name in CODECS:
         summary = transcode_cache(tiny, str(root / f"{name}.zarr"), name, codec_params=params(name, 32))
         assert summary["ok"], summary["problems"]
-        assert summary["rel_error"] <= REL_TOLERANCE[name]
+        assert summary["rel_error"] <= summary["rel_tolerance"] == get_codec(name).transcode_tolerance
         out[name] = summary["dst"]
     return out
 

@@ -21,8 +21,7 @@ from hff_cache.cache import (
     transcode_cache,
     verify_cache,
 )
-from hff_cache.cache import transcode as transcode_module
-from hff_cache.cache.transcode import REL_TOLERANCE
+from hff_cache.cache.codecs import Int8Codec
 from hff_cache.config import ExtractConfig
 from hff_cache.encoders.tiny import tiny_encoder
 from hff_cache.extraction.extract import extract
@@ -88,14 +87,15 @@ def test_every_codec_round_trips(src: str, tmp_path: Path, name: str) -> None:
     assert b.meta.codec.name == name and (b.cache_id == a.cache_id) == (name == "fp16")
     assert verify_cache(b.url).ok
     errors = _rel_errors(a, b)
-    assert max(errors) <= REL_TOLERANCE[name] and summary["rel_error"] <= REL_TOLERANCE[name]
+    tol = get_codec(name).transcode_tolerance
+    assert max(errors) <= tol and summary["rel_error"] <= tol == summary["rel_tolerance"]
     if name == "fp16":  # fp16 of fp16 values: the very same numbers
         assert max(errors) == 0.0
     # and back: the fp16 copy of X decodes as X does, to fp16 rounding
     back = transcode_cache(b.url, str(tmp_path / "back.zarr"), "fp16")
     assert back["ok"], back["problems"]
     _same_content(b, CacheReader(back["dst"]))
-    assert max(_rel_errors(b, CacheReader(back["dst"]))) <= REL_TOLERANCE["fp16"]
+    assert max(_rel_errors(b, CacheReader(back["dst"]))) <= get_codec("fp16").transcode_tolerance
 
 
 def test_parts_of_several_shards_and_skip_records_are_kept(multi: str, tmp_path: Path) -> None:
@@ -227,7 +227,7 @@ def test_cli_command(src: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert res.exit_code == 2 and "other settings" in res.output and dst in res.output
     res = CliRunner().invoke(app, ["transcode", src, str(tmp_path / "y"), "--codec", "bf16"])
     assert res.exit_code == 2 and "fp16, int8, int4, int4b, nf4b" in res.output
-    monkeypatch.setitem(transcode_module.REL_TOLERANCE, "int8", 1e-9)  # a check that fails: exit 1
+    monkeypatch.setattr(Int8Codec, "transcode_tolerance", 1e-9)  # a check that fails: exit 1
     res = CliRunner().invoke(app, ["transcode", src, str(tmp_path / "z"), "--codec", "int8", "--no-progress"])
     assert res.exit_code == 1 and "1 PROBLEM(S)" in res.output and "relative error" in res.output
 

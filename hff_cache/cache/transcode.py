@@ -43,12 +43,6 @@ from .writer import CacheWriter, clear_shard_record, record_shard_complete
 WORKER = "w000"  # one worker: its part ids sort in the order written, which is the source's order
 BATCH_UTTS = 32  # utterances decoded per read_many call
 SAMPLE_UTTS = 16  # utterances compared with the source after the transcode
-# Codecs state no error bound, so the sample check compares the destination's decode with the source's:
-# relative error = ||dst - src|| / ||src|| per layer. Limits are generous multiples of the errors measured in
-# docs/cache_format.md ("Codecs"); they catch a broken transcode, not a codec's ordinary rounding.
-REL_TOLERANCE = {"fp16": 1e-3, "int8": 0.1, "int4": 0.5, "int4b": 0.3, "nf4b": 0.3, "tpca": 0.4, "tpcap": 0.4,
-                 "tpcae": 0.4, "tpcape": 0.4}
-DEFAULT_REL_TOLERANCE = 0.5  # a codec registered later, of unknown precision
 FIT_FRAMES = 60_000  # frames (20 min at 50 Hz) of SRC, spread over it, that a codec with a fit is fitted on
 
 Progress = Callable[[int, int], None]  # (utterances done, including those committed before; total)
@@ -285,7 +279,8 @@ def _check_result(source: CacheReader, dst: str, opts: dict | None, codec: str) 
     check.per_layer = _sample_error(source, out)
     if check.per_layer:
         check.rel_error = max(check.per_layer)
-        tol = REL_TOLERANCE.get(codec, DEFAULT_REL_TOLERANCE)
+        # the sample check: the destination's decode against the source's, within the codec's own limit
+        tol = out.codec.transcode_tolerance
         if not check.rel_error <= tol:
             check.problems.append(f"decoded values differ from SRC's by a relative error of {check.rel_error:.3g}, "
                                   f"beyond {tol:g} for codec {codec}")
@@ -322,11 +317,11 @@ def _summary(source: CacheReader, out: CacheReader, counts: _Counts, check: _Che
         "src_bytes": a["bytes"], "dst_bytes": b["bytes"],
         "src_bytes_per_value": a["bytes_per_value"], "dst_bytes_per_value": b["bytes_per_value"],
         "rel_error": check.rel_error, "rel_error_per_layer": check.per_layer,
-        "rel_tolerance": REL_TOLERANCE.get(out.meta.codec.name, DEFAULT_REL_TOLERANCE),
+        "rel_tolerance": out.codec.transcode_tolerance,
         "stats": stats, "complete": complete,
         "ok": not check.problems, "problems": check.problems, "warnings": check.warnings,
         "seconds": seconds,
     }
 
 
-__all__ = ["REL_TOLERANCE", "transcode_cache"]
+__all__ = ["transcode_cache"]

@@ -43,7 +43,9 @@
 #  10  summary tables and figures (hff-cache summary) into $exp/report/.
 #  11  cache v2 (issue 14): `hierarchical` on the 1-hour subset from fp16, then from train and valid
 #      transcoded to tpcape, tpcap and tpca (all 0.25 B/value), with the same seeds (seed 0's fp16 row is stage
-#      7's), so each codec row is paired with an fp16 row of the same seed and utterances.
+#      7's), so each codec row is paired with an fp16 row of the same seed and utterances. --codecs picks
+#      which of the three; `--seeds "2" --codecs tpcape` adds one more pair to a finished stage (the stage's
+#      marker is written only when it ran every codec).
 set -euo pipefail
 
 stage=0
@@ -61,6 +63,8 @@ online_data=1h                  # stage 7 trains on: 1h (an evenly spaced hour o
 all_methods="hff-adapters full hff-frozen adapters bitfit"  # the paper's headline pair first
 online_methods="$all_methods"
 subset_utts=720                 # about 1 hour of the training data
+all_codecs="tpcape tpcap tpca"
+codecs="$all_codecs"            # stage 11: the 0.25 B/value codecs paired with fp16
 threads=0          # torch threads for training and extraction (0: torch's default)
 jobs=1             # training runs at once within a stage (a GPU host: several; see gpu.sh)
 extra=()           # after --: passed to every `hff-cache train`
@@ -79,6 +83,7 @@ while [ $# -gt 0 ]; do
     --online-encoders) online_encoders="$2"; shift 2 ;;
     --online-data) online_data="$2"; shift 2 ;;
     --online-methods) online_methods="$2"; shift 2 ;;
+    --codecs) codecs="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -272,7 +277,7 @@ for enc in $encoders; do
     # tpcape: entropy-coded levels of what the layer below does not predict; tpcap: the same with tpca's
     # fixed-width codes; tpca: neither. All three at 0.25 B/value or less on disk: tpcape's rate control lands
     # ~0.5% above its target, so it is asked for 1.96 bits (0.248 B/value with the fit, docs/results.md).
-    for codec in tpcape tpcap tpca; do
+    for codec in $codecs; do
       params=(); [ "$codec" = tpcape ] && params=(--codec-param bits=1.96)
       for split in train valid; do
         hff-cache transcode "$c/$split.zarr" "$c/$split-$codec.zarr" --codec "$codec" "${params[@]}" --no-progress
@@ -282,7 +287,7 @@ for enc in $encoders; do
           --valid-cache "$c/valid-$codec.zarr" "${sub[@]}" --seed "$seed"
       done
     done
-    done_stage 11 "$enc"
+    if [ "$codecs" = "$all_codecs" ]; then done_stage 11 "$enc"; else wait_runs; fi
   fi
 done
 

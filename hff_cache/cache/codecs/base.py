@@ -55,6 +55,10 @@ class Codec:
     # per-dimension spread and a few huge outlier dimensions, as Whisper's hidden states have
     # (tests/test_codecs_v2.py checks it on such data).
     rel_error: float = 0.0
+    # What ``transcode``'s sample check accepts as ||dst - src|| / ||src|| per layer on real hidden states: a
+    # generous multiple of the errors measured in docs/cache_format.md ("Codecs"), to catch a broken transcode,
+    # not a codec's ordinary rounding. A codec of unknown precision keeps this loose default.
+    transcode_tolerance: float = 0.5
 
     def __init__(self, level: int = ZSTD_LEVEL) -> None:
         self.level = int(level)

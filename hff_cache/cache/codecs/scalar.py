@@ -17,6 +17,7 @@ class FP16Codec(Codec):
     max_abs = float(np.finfo(np.float16).max)
     buffer_dtype = np.dtype("float16")
     rel_error = 5e-4  # float16 rounding: 2^-11 relative per value
+    transcode_tolerance = 1e-3
 
     def __init__(self, level: int = ZSTD_LEVEL, shuffle: bool = True) -> None:
         super().__init__(level)
@@ -58,6 +59,7 @@ class Int8Codec(Codec):
     bytes_per_value = 1.0
     side_suffixes = ("scale",)
     rel_error = 0.03
+    transcode_tolerance = 0.1
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         scale = _symmetric_scales(x, 127)
@@ -121,6 +123,7 @@ class Int4BlockCodec(Codec):
     side_suffixes = ("mean", "bscale")
     frame_suffixes = ("bscale",)
     rel_error = 0.2
+    transcode_tolerance = 0.3  # nf4b inherits it
 
     def __init__(self, level: int = ZSTD_LEVEL, block: int = 64) -> None:
         super().__init__(level)

@@ -150,6 +150,7 @@ class TimeGroupCodec(Codec):
     value on average."""
 
     bits_range: tuple[float, float] = (0.5, MAX_BITS)
+    transcode_tolerance = 0.4
 
     def __init__(self, level: int = ZSTD_LEVEL, bits: float = 2.0, group: int = 4) -> None:
         super().__init__(level)
