@@ -4,15 +4,18 @@ tpca codec's fit part, layout, resume and damage."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from hff_cache.batches import device_decode
 from hff_cache.batches.from_cache import CacheBatches, hours_per_gib
@@ -28,8 +31,9 @@ from hff_cache.cache import (
     transcode_cache,
     verify_cache,
 )
-from hff_cache.cache.codecs import MAIN, ans, frame_layout
+from hff_cache.cache.codecs import MAIN, ans, frame_layout, recorded_codec
 from hff_cache.cache.codecs.ans import LEVEL_MAX, LEVEL_MIN, decode_levels, encode_levels, laplace_bits
+from hff_cache.cache.codecs.tpcap import exact_product
 from hff_cache.cache.format import array_checksum
 from hff_cache.cache.reader import decode_codes
 from hff_cache.tasks.task import Task
@@ -39,7 +43,7 @@ D = 64
 LAYERS = [0, 1, 2]
 V1_CACHE = Path(__file__).parent / "fixtures" / "v1_run" / "cache"  # fp16, written by the code of b945023
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-DECODABLE = [n for n in CODECS if n in device_decode.DECODERS]
+DECODABLE = [n for n in CODECS if device_decode.can_decode(get_codec(n))]
 TEXTS = ["AB", "BA", "ABBA", "BAB", "A B", "BB A", "AAB", "B", "ABA", "BBA", "AB BA", "A"]
 DURATIONS = [0.5, 1.6, 0.7, 1.2, 0.9, 2.0, 0.6, 1.4, 1.0, 0.8, 1.8, 0.55]
 
@@ -164,10 +168,10 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return out
 
 
-def _device_codes(codec, codes, device: str) -> device_decode.DeviceCodes:
+def _device_codes(codec, codes, device: str, below: torch.Tensor | None = None) -> device_decode.DeviceCodes:
     rows = {k: torch.from_numpy(v).to(device) for k, v in codes.rows.items()}
     return device_decode.DeviceCodes(rows, codes.lengths, codes.group,
-                                     device_decode.device_groups(codec, codes.groups, device), codes.groups)
+                                     device_decode.device_groups(codec, codes.groups, device), codes.groups, below)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -177,27 +181,32 @@ def test_torch_decoding_equals_numpy_decoding(caches: dict[str, str], name: str,
     idx = np.random.default_rng(3).permutation(len(r))[:20].tolist()  # both workers, several parts, any order
     ref32 = r.read_many(idx, dtype=np.float32)
     ref16 = r.read_many(idx, dtype=np.float16)
+    below, below_t = None, None  # a chained codec (tpcap) decodes each layer from the one below
     for j, codes in enumerate(r.read_codes(idx)):
         want32 = np.concatenate([f[:, j] for f in ref32])
-        np.testing.assert_array_equal(decode_codes(r.codec, codes), want32)  # the numpy decode of the codes
-        got = device_decode.decode(r.codec, _device_codes(r.codec, codes, device))
+        below = decode_codes(r.codec, codes, below=below)
+        np.testing.assert_array_equal(below, want32)  # the numpy decode of the codes
+        got = device_decode.decode(r.codec, _device_codes(r.codec, codes, device, below_t))
         assert got.device.type == device and got.dtype == torch.float32
         assert torch.equal(got.cpu(), torch.from_numpy(want32))  # float32, bit for bit
         assert torch.equal(got.half().cpu(), torch.from_numpy(np.concatenate([f[:, j] for f in ref16])))
+        below_t = got if r.codec.chained else None
     if name == "tpca":
         assert len(codes.groups) == 2  # one fit per worker
 
 
-@pytest.mark.parametrize("name", ["tpca", "nf4b"])
+@pytest.mark.parametrize("name", ["tpca", "nf4b", "tpcap"])
 def test_torch_decoding_is_exact_under_autocast_and_fast_matmul(caches: dict[str, str], name: str) -> None:
     r = CacheReader(caches[name])
-    codes = r.read_codes(range(len(r)), [1])[0]
-    want = decode_codes(r.codec, codes)
+    first, codes = r.read_codes(range(len(r)), [0, 1])
+    below = decode_codes(r.codec, first) if r.codec.chained else None
+    want = decode_codes(r.codec, codes, below=below)
     precision = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")  # bfloat16 inputs allowed: integers <= 256 stay exact
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = device_decode.decode(r.codec, _device_codes(r.codec, codes, "cpu"))
+            below_t = None if below is None else torch.from_numpy(below)
+            got = device_decode.decode(r.codec, _device_codes(r.codec, codes, "cpu", below_t))
     finally:
         torch.set_float32_matmul_precision(precision)
     assert torch.equal(got, torch.from_numpy(want))
@@ -255,7 +264,7 @@ def test_compressed_residency_epoch_equals_the_float16_epoch(transcoded: dict[st
     kw = dict(ctc=True, batch_frames=200, shuffle_frames=150, block_frames=100, in_memory=True)
     codes, fp16 = CacheBatches(r, data, **kw), CacheBatches(r, data, resident="fp16", **kw)
     streamed = CacheBatches(r, data, **{**kw, "in_memory": False})
-    # a codec without a torch decoder (fp16, tpcap) is held as decoded float16
+    # a codec without a torch decoder (fp16, tpcae, tpcape) is held as decoded float16
     assert codes.resident == ("codes" if name in DECODABLE else "fp16") and fp16.resident == "fp16"
     epochs = [list(s.epoch(2)) for s in (codes, fp16, streamed)]
     assert len(epochs[0]) == len(epochs[1]) == len(epochs[2]) > 1
@@ -291,6 +300,8 @@ def test_hours_of_audio_per_gib() -> None:
     assert h["fp16"] == pytest.approx(2**30 / (7 * 512 * 2) / 50 / 3600)  # 0.83 h
     assert h["int8"] == pytest.approx(2 * h["fp16"]) and h["int4"] == pytest.approx(4 * h["fp16"])
     assert h["tpca"] == pytest.approx(8 * h["fp16"])  # 6.7 h per GiB
+    assert h["tpcap"] == h["tpca"]  # its int8 prediction decodes on the device too
+    assert hours_per_gib(get_codec("tpcap", pred="float32"), *base) == h["fp16"]  # no torch decoder: float16
     assert hours_per_gib(get_codec("tpca"), *base, resident="fp16") == pytest.approx(h["fp16"])
 
 
@@ -459,9 +470,9 @@ def residual_stream(rng: np.random.Generator, lengths: np.ndarray, n_layers: int
     return layers, starts
 
 
-def chain_round_trip(name: str, layers: list[np.ndarray], starts: np.ndarray) -> list[np.ndarray]:
+def chain_round_trip(name: str, layers: list[np.ndarray], starts: np.ndarray, **params: Any) -> list[np.ndarray]:
     """Every layer through the codec as a writer and a reader do: fit, encode and decode in layer order."""
-    codec = get_codec(name)
+    codec = get_codec(name, **params)
     fits = codec.fit_layers(lambda j: layers[j], len(layers), starts)
     out: list[np.ndarray] = []
     for j, stored in enumerate(codec.encode_layers(lambda j: layers[j], len(layers), starts, fits)):
@@ -490,9 +501,13 @@ def test_tpcap_codes_what_the_layer_below_misses_at_tpcas_bytes(plain_name: str,
 @pytest.mark.parametrize("name", ["tpcap", "tpcape"])
 def test_tpcap_cache_decodes_any_layer_from_the_ones_below(caches: dict[str, str], name: str) -> None:
     r = CacheReader(caches[name])
-    fit = r._fit_arrays(r.parts()[0].part_id, 0)
-    assert fit["ppred"].shape == (0, D)  # the first stored layer: no prediction
-    assert r._fit_arrays(r.parts()[0].part_id, 2)["ppred"].shape == (D + 1, D)
+    fit, top = (r._fit_arrays(r.parts()[0].part_id, j) for j in (0, 2))
+    if r.codec.pred == "int8":
+        assert fit["pqw"].shape == (0, D)  # the first stored layer: no prediction
+        assert top["pqw"].shape == (D, D) and top["pqw"].dtype == np.int8 and top["pqcol"].shape == (2, D)
+        assert top["pqin"].shape == (D,) and "ppred" not in top
+    else:
+        assert fit["ppred"].shape == (0, D) and top["ppred"].shape == (D + 1, D)
     idx = list(range(0, len(r), 3))
     every = r.read_many(idx)
     for layers in ([2], [1], [2, 0], [1, 2]):  # each decoded through the layers below it, whatever is asked
@@ -503,6 +518,81 @@ def test_tpcap_cache_decodes_any_layer_from_the_ones_below(caches: dict[str, str
         np.testing.assert_array_equal(a, b.astype(np.float16))
     x = np.concatenate([f[:, 2] for f in every])
     assert np.linalg.norm(x - np.concatenate([f[:, 1] for f in every]) * 1.5) < 0.2 * np.linalg.norm(x)
+
+
+@pytest.mark.parametrize("name", ["tpcap", "tpcape"])
+def test_int8_prediction_codes_as_well_as_the_float32_one(name: str) -> None:
+    rng = np.random.default_rng(9)
+    layers, starts = residual_stream(rng, rng.integers(40, 160, 12), 4, 64)
+    codec = get_codec(name, pred="int8")
+    assert codec.params["pred"] == "int8" and codec.torch_decodable
+    assert not get_codec(name, pred="float32").torch_decodable
+    assert get_codec(name).pred == {"tpcap": "int8", "tpcape": "float32"}[name]  # tpcape: no torch decoder
+    fits = codec.fit_layers(lambda j: layers[j], len(layers), starts)
+    int8 = chain_round_trip(name, layers, starts, pred="int8")
+    float32 = chain_round_trip(name, layers, starts, pred="float32")
+    for j in range(1, len(layers)):
+        assert ln_mse(layers[j], int8[j]) < 1.1 * ln_mse(layers[j], float32[j]), j  # rounding w costs < 10%
+        assert np.all(np.abs(fits[j]["pqw"].astype(int)).max(axis=0) == 127)  # every column uses the range
+    with pytest.raises(ValueError, match="pred must be one of"):
+        get_codec(name, pred="int4")
+
+
+def test_exact_product_is_exact_beyond_one_block() -> None:
+    rng = np.random.default_rng(10)
+    for dim in (64, 1024, 1280, 2100):  # 1280: Whisper large's width, two blocks
+        q = rng.integers(-127, 128, (50, dim)).astype(np.float32)
+        w = rng.integers(-127, 128, (dim, 40)).astype(np.float32)
+        q[:, :3], w[:3] = 127, 127  # the largest sums there are
+        want = q.astype(np.int64) @ w.astype(np.int64)
+        got = exact_product(q, w)
+        blocks = [want_block.astype(np.float32) for want_block in
+                  (q[:, lo:lo + 1024].astype(np.int64) @ w[lo:lo + 1024].astype(np.int64)
+                   for lo in range(0, dim, 1024))]
+        np.testing.assert_array_equal(got, np.sum(blocks, axis=0, dtype=np.float32) if len(blocks) > 1
+                                      else want.astype(np.float32))
+        t = device_decode._exact_product(torch.from_numpy(q), torch.from_numpy(w))
+        assert torch.equal(t, torch.from_numpy(got))
+
+
+def test_a_tpcap_cache_from_before_pred_reads_with_its_float32_prediction(tmp_path: Path) -> None:
+    # what a cache written before the int8 prediction records: tpcap's params without "pred"
+    url = tmp_path / "old"
+    meta = dataclasses.replace(make_meta("tpcap"), codec=CodecSpec("tpcap", {"pred": "float32"}))
+    with CacheWriter(str(url), meta, worker="w000") as writer:
+        rng = np.random.default_rng(11)
+        for i in range(6):
+            x, _ = whisper_like(rng, [int(rng.integers(20, 90))], D)
+            writer.add(f"u{i}", np.stack([x * (j + 1) for j in range(len(LAYERS))]))
+    want = CacheReader(str(url)).read_many(range(6))
+    root = zarr.open_group(str(url), mode="r+")
+    attrs = dict(root.attrs["hff_cache"])
+    attrs["codec"] = {"name": "tpcap", "params": {k: v for k, v in attrs["codec"]["params"].items() if k != "pred"}}
+    root.attrs["hff_cache"] = attrs
+    r = CacheReader(str(url))
+    assert "pred" not in r.meta.codec.params and r.codec.pred == "float32"
+    assert r._fit_arrays(r.parts()[0].part_id, 1)["ppred"].shape == (D + 1, D)
+    for a, b in zip(r.read_many(range(6)), want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert verify_cache(str(url)).ok
+    data = _unlabelled(r)
+    src = CacheBatches(r, data, ctc=False, in_memory=True)
+    assert src.resident == "fp16"  # no torch decoder for the float32 prediction: decoded float16 in RAM
+    assert recorded_codec("tpcap", {}).pred == "float32" and get_codec("tpcap").pred == "int8"
+
+
+@pytest.mark.parametrize("layers", [[2], [0, 2], [2, 1]])
+def test_tpcap_residency_holds_the_layers_below_the_ones_asked(transcoded: dict[str, str], layers: list[int]) -> None:
+    r = CacheReader(transcoded["tpcap"])
+    stored = r.meta.layers
+    asked = [stored[k] for k in layers]
+    data = Task.from_labels("asr", r).prepare(r)
+    kw = dict(ctc=True, batch_frames=200, layers=asked)
+    codes = CacheBatches(r, data, in_memory=True, **kw)
+    streamed = CacheBatches(r, data, in_memory=False, **kw)
+    for a, b in zip(codes.epoch(0), streamed.epoch(0), strict=True):
+        assert a.feats.shape[2] == len(asked) and torch.equal(a.feats, b.feats)
+    assert codes.resident == "codes" and len(codes._codes) == max(layers) + 1  # the chain up to the top asked
 
 
 @pytest.mark.parametrize("name", ["tpcap", "tpcape"])

@@ -6,7 +6,9 @@ needs none: its codes are float16 already). Each decoder repeats its numpy codec
 (``hff_cache.cache.codecs``) in the same order and precision, so a batch decoded here equals, bit for bit,
 the one the numpy reader gives after the same final conversion (tests/test_codecs_v2.py). The one reduction,
 tpca's basis product, multiplies integers whose sums stay below 2^24, which float32 adds exactly in any
-order, so BLAS, cuBLAS and TF32 give the same numbers; autocast is switched off around it.
+order, so BLAS, cuBLAS and TF32 give the same numbers; autocast is switched off around it. tpcap's
+prediction from the layer below is such a product too (int8 inputs and weights, ``LinearPrediction``): a
+chained codec's layer decodes from the layer below it decoded (``DeviceCodes.below``), in layer order.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import numpy as np
 import torch
 
 from hff_cache.cache.codecs import MAIN, Codec, frame_layout, tpca_segments
+from hff_cache.cache.codecs.tpcap import EXACT_BLOCK
 
-__all__ = ["DECODERS", "DeviceCodes", "decode", "register_decoder"]
+__all__ = ["DECODERS", "DeviceCodes", "can_decode", "decode", "register_decoder"]
 
 
 @dataclass
@@ -30,7 +33,8 @@ class DeviceCodes:
     ``rows``: the per-frame arrays (``"layer"`` and per-frame side arrays), (N, ...) tensors. ``lengths``:
     frames of each utterance (numpy; utterance i owns the next ``lengths[i]`` rows). ``utt_group``: which of
     ``groups`` (per-part side arrays, a worker's fit; tensors on the device, ``groups_np`` the same in numpy)
-    each utterance decodes with.
+    each utterance decodes with. ``below``: for a chained codec, the same rows of the stored layer below
+    decoded (float32; None for the first stored layer).
     """
 
     rows: dict[str, torch.Tensor]
@@ -38,6 +42,7 @@ class DeviceCodes:
     utt_group: np.ndarray
     groups: list[dict[str, torch.Tensor]]
     groups_np: list[dict[str, np.ndarray]] = field(default_factory=list)
+    below: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -160,9 +165,45 @@ def _tpca(codec: Codec, c: DeviceCodes) -> torch.Tensor:
 
 
 def tpca_device_fit(fit: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """A tpca fit as the decoder uses it: on the device, the int8 basis converted to float32 once."""
+    """A tpca (or tpcap) fit as the decoder uses it: on the device, the int8 basis (and prediction weights)
+    converted to float32 once."""
     out = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in fit.items()}
     out["pbasis32"] = out["pbasis"].to(torch.float32)
+    if "pqw" in out:
+        out["pqw32"] = out["pqw"].to(torch.float32)
+    return out
+
+
+# --- tpcap: tpca of the residual plus the int8 prediction from the layer below -------------------------------
+
+
+def _exact_product(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Torch twin of ``tpcap.exact_product``: integer blocks of EXACT_BLOCK input dimensions, added in order."""
+    out = q[:, :EXACT_BLOCK] @ w[:EXACT_BLOCK]
+    for lo in range(EXACT_BLOCK, q.shape[1], EXACT_BLOCK):
+        out += q[:, lo:lo + EXACT_BLOCK] @ w[lo:lo + EXACT_BLOCK]
+    return out
+
+
+def _tpcap(codec: Codec, c: DeviceCodes) -> torch.Tensor:
+    out = _tpca(codec, c)  # the residual
+    if not c.groups or not len(c.groups[0]["pqw"]):
+        return out  # the first stored layer: no prediction
+    if c.below is None:
+        raise ValueError(f"{codec.name}: this hidden state decodes from the decoded state below it "
+                         "(pass DeviceCodes.below, the layer below decoded)")
+    row_group = c.row_group()
+    for gi, fit in enumerate(c.groups):
+        rows = torch.nonzero(row_group == gi).flatten() if len(c.groups) > 1 else None
+        below = c.below if rows is None else c.below[rows]
+        q = torch.round(below * fit["pqin"]).clamp_(-127, 127)  # LinearPrediction.predict's operations
+        pred = _exact_product(q, fit["pqw32"])
+        pred.mul_(fit["pqcol"][0])
+        pred.add_(fit["pqcol"][1])
+        if rows is None:
+            out.add_(pred)
+        else:
+            out[rows] = out[rows] + pred
     return out
 
 
@@ -172,12 +213,19 @@ DECODERS: dict[str, Decoder] = {
     "int4b": _int4b,
     "nf4b": _int4b,  # the same layout; the codec's level table differs
     "tpca": _tpca,
+    "tpcap": _tpcap,  # pred int8 only (``Codec.torch_decodable``)
 }
 
 # How a decoder wants a group's per-part arrays on the device (default: as they are).
 GROUP_PREPARE: dict[str, Callable[[dict[str, np.ndarray], torch.device | str], dict[str, torch.Tensor]]] = {
     "tpca": tpca_device_fit,
+    "tpcap": tpca_device_fit,
 }
+
+
+def can_decode(codec: Codec) -> bool:
+    """Whether compressed residency can hold ``codec``'s codes: a torch decoder for it, bit for bit."""
+    return codec.name in DECODERS and codec.torch_decodable
 
 
 def register_decoder(name: str, decoder: Decoder) -> None:

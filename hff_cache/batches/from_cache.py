@@ -89,7 +89,7 @@ class CacheBatches:
         if resident not in ("codes", "fp16"):
             raise ValueError(f"resident must be 'codes' or 'fp16', not {resident!r}")
         codec: Codec = reader.codec
-        self.resident = "codes" if resident == "codes" and codec.name in device_decode.DECODERS else "fp16"
+        self.resident = "codes" if resident == "codes" and device_decode.can_decode(codec) else "fp16"
         self.device = torch.device(device if device is not None else "cpu")  # where codes are decoded
         self.resident_nbytes = self.num_frames * resident_frame_bytes(codec, self.num_layers, self.hidden_size,
                                                                       self.resident)  # estimate until loaded
@@ -101,6 +101,7 @@ class CacheBatches:
         self._mem: np.ndarray | None = None
         self._mem_offsets: np.ndarray | None = None
         self._codes: list[_ResidentLayer] | None = None
+        self._slots: list[list[int]] = []  # per resident layer, the batch's layer slots it fills
 
     # -- planning --
 
@@ -195,7 +196,7 @@ class CacheBatches:
         """Compressed residency: every block's stored codes (``CacheReader.read_codes``) in one array per
         layer and per-frame array; each part's side arrays (or worker's fit) once, as a group."""
         offsets = self._own_offsets()
-        layers = self.layers
+        layers, self._slots = self._resident_layers()
         if not self.blocks:
             self._codes, self._mem_offsets = [], offsets
             return
@@ -220,6 +221,16 @@ class CacheBatches:
             r.to_device(self.reader.codec, self.device)
         self._codes, self._mem_offsets = res, offsets
         self.resident_nbytes = sum(r.nbytes for r in res)
+
+    def _resident_layers(self) -> tuple[list[int] | None, list[list[int]]]:
+        """The stored layers compressed residency holds, and for each the batch slots it fills. A chained
+        codec's layer decodes from the ones below it, so it holds every stored layer up to the top one asked."""
+        stored = list(self.reader.meta.layers)
+        asked = self.layers if self.layers is not None else stored
+        if not self.reader.codec.chained:
+            return self.layers, [[j] for j in range(len(asked))]
+        chain = stored[:max(stored.index(k) for k in asked) + 1] if asked else []
+        return chain, [[j for j, k in enumerate(asked) if k == s] for s in chain]
 
     def _collate(self, batch: list[int], feats: dict[int, Any]) -> Batch:
         lens = [int(self.lengths[p]) for p in batch]
@@ -255,10 +266,14 @@ class CacheBatches:
         dest = np.concatenate([i * t + np.arange(m) for i, m in enumerate(item.lengths.tolist())]) if n else []
         dest_t = torch.as_tensor(np.asarray(dest, dtype=np.int64), device=dev)
         flat = x.view(n * t, self.num_layers, self.hidden_size)
-        for j, (r, (rows, utt_group)) in enumerate(zip(self._codes, item.layers, strict=True)):
+        below = None  # a chained codec: the layer below, decoded (float32), in layer order
+        for slots, r, (rows, utt_group) in zip(self._slots, self._codes, item.layers, strict=True):
             codes = device_decode.DeviceCodes({k: torch.from_numpy(v).to(dev) for k, v in rows.items()},
-                                              item.lengths, utt_group, r.groups_t, r.groups)
-            flat[dest_t, j] = device_decode.decode(codec, codes).to(torch.float16)
+                                              item.lengths, utt_group, r.groups_t, r.groups, below)
+            decoded = device_decode.decode(codec, codes)
+            for j in slots:
+                flat[dest_t, j] = decoded.to(torch.float16)
+            below = decoded if codec.chained else None
         return Batch(ids=item.ids, lengths=torch.from_numpy(item.lengths), targets=item.targets,
                      target_lengths=item.target_lengths, feats=x)
 
@@ -395,7 +410,7 @@ class _ResidentLayer:
 def resident_frame_bytes(codec: Codec, num_layers: int, hidden_size: int, resident: str = "codes") -> float:
     """Bytes of RAM per frame (all ``num_layers`` layers) that ``in_memory`` holds: the stored codes when the
     codec has a torch decoder and ``resident`` is "codes", else decoded float16."""
-    if resident == "codes" and codec.name in device_decode.DECODERS:
+    if resident == "codes" and device_decode.can_decode(codec):
         return num_layers * codec.frame_nbytes(hidden_size)
     return num_layers * hidden_size * 2.0
 

@@ -17,7 +17,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from .codecs import MAIN, Codec, get_codec
+from .codecs import MAIN, Codec, recorded_codec
 from .format import (
     FORMAT_VERSION,
     INDEX_ARRAYS,
@@ -180,7 +180,7 @@ class CacheReader:
         except FileNotFoundError as e:
             raise CacheFormatError(str(e)) from e
         self.meta: CacheMeta = load_root_meta(self.store, self.url)
-        self.codec: Codec = get_codec(self.meta.codec.name, **self.meta.codec.params)
+        self.codec: Codec = recorded_codec(self.meta.codec.name, self.meta.codec.params)
         self._arrays: dict[tuple[int, int], dict[str, Any]] = {}
         self._load_index()
 

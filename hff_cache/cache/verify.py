@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from zarr.core.sync import sync
 
-from .codecs import Codec, get_codec
+from .codecs import Codec, recorded_codec
 from .format import (
     CHECKSUM_ALGORITHM,
     INDEX_ARRAYS,
@@ -116,7 +116,7 @@ def verify_cache(url: str, storage_options: dict | None = None, *, scan_values: 
     except FileNotFoundError as e:
         raise CacheFormatError(str(e)) from e
     meta = load_root_meta(store, url)
-    codec = get_codec(meta.codec.name, **meta.codec.params)  # unknown codec: CacheFormatError, say so
+    codec = recorded_codec(meta.codec.name, meta.codec.params)  # unknown codec: CacheFormatError, say so
     rep = VerifyReport(url=str(url), cache_id=cache_id(meta), codec=meta.codec.name, layers=list(meta.layers))
     committed = _committed_parts(store, rep)
 

@@ -21,8 +21,8 @@ from .tpcap import TPCAPCodec
 from .tpcape import TPCAPECodec
 
 __all__ = ["CODECS", "MAIN", "Codec", "FP16Codec", "Int4BlockCodec", "Int4Codec", "Int8Codec", "NF4BlockCodec",
-           "TPCACodec", "TPCAECodec", "TPCAPCodec", "TPCAPECodec", "frame_layout", "get_codec", "register_codec",
-           "tpca_decode_blobs", "tpca_segments"]
+           "TPCACodec", "TPCAECodec", "TPCAPCodec", "TPCAPECodec", "frame_layout", "get_codec", "recorded_codec",
+           "register_codec", "tpca_decode_blobs", "tpca_segments"]
 
 # The registry. A new codec is one file in this package plus one line here (docs/contributing.md).
 CODECS: dict[str, Callable[..., Codec]] = {
@@ -56,3 +56,11 @@ def get_codec(name: str, **params: Any) -> Codec:
         raise CacheFormatError(f"bad parameters for codec {name!r}: {params} ({e})") from e
     except ImportError as e:  # an optional library the codec needs: say which extra installs it
         raise CacheFormatError(str(e)) from e
+
+
+def recorded_codec(name: str, params: dict[str, Any]) -> Codec:
+    """The codec a cache records: a parameter added after the cache was written (absent from its ``params``)
+    takes the value that behaviour had then (the codec's ``legacy_params``), not today's default, so old
+    caches decode unchanged. Readers use this; writers of new caches use ``get_codec``."""
+    legacy = getattr(CODECS.get(name), "legacy_params", {})
+    return get_codec(name, **{**legacy, **params})

@@ -59,6 +59,11 @@ class Codec:
     # generous multiple of the errors measured in docs/cache_format.md ("Codecs"), to catch a broken transcode,
     # not a codec's ordinary rounding. A codec of unknown precision keeps this loose default.
     transcode_tolerance: float = 0.5
+    # Parameters added after caches of this codec were written, with the value the behaviour had before
+    # (``recorded_codec`` fills them in for a cache whose params lack them).
+    legacy_params: dict[str, Any] = {}
+    # A torch decoder (hff_cache/batches/device_decode.py) can decode this configuration bit for bit.
+    torch_decodable: bool = True
 
     def __init__(self, level: int = ZSTD_LEVEL) -> None:
         self.level = int(level)

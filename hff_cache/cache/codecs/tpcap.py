@@ -14,6 +14,13 @@ from .tpca import TPCACodec
 _RIDGE = 1e-6  # of the mean diagonal of the normal equations: keeps a never-varying dimension solvable
 
 
+PREDICTIONS = ("int8", "float32")
+_INT8 = 127
+# Input dimensions per product block: |sum| <= 127 * 127 * 1024 < 2^24, so each block's sum of integers is
+# exact in float32 whatever order BLAS, cuBLAS or TF32 add it in; the blocks are added in a fixed order.
+EXACT_BLOCK = 1024
+
+
 class LinearPrediction:
     """A residual codec's layers coded after a linear prediction from the decoded stored layer below (mixed in
     before the residual codec: ``class C(LinearPrediction, ResidualCodec)``; the residual codec's ``fit``,
@@ -23,12 +30,37 @@ class LinearPrediction:
     predicts 71-77% of the next one's variance (docs/results.md). The prediction reads the state below *as
     decoded* (closed loop: the encoder predicts from what a decoder will have), so quantisation errors do not
     build up along the layers; decoding a state therefore decodes every stored state below it first
-    (``chained``: the reader does so). The first stored state has no prediction. Fitted per layer, besides the
-    residual codec's statistics: ``ppred``, the prediction (D + 1, D) float32 (bias in the last row); (0, D)
-    for the first state.
+    (``chained``: the reader does so). The first stored state has no prediction.
+
+    ``pred`` says how the prediction is computed (default: the codec's ``default_pred``). ``int8``: the state
+    below is rounded to int8 per dimension (``pqin``, the fit's multiplier per input dimension) and multiplied
+    by int8 weights (``pqw``, (D, D)), then scaled per output column and offset (``pqcol``: gain and bias
+    rows). The product of integers is exact in float32, so a torch decoder on any device gives the numpy
+    decoder's numbers bit for bit, which compressed residency needs. ``float32``: a float32 (D + 1, D) map (``ppred``, bias in the
+    last row), what caches written before 2026-12-07 hold (``legacy_params``); it has no torch decoder.
     """
 
+    default_pred = "int8"
+
     chained = True
+    legacy_params = {"pred": "float32"}  # a cache whose params predate ``pred`` predicts in float32
+
+    def __init__(self, *args: Any, pred: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        pred = pred or self.default_pred
+        if pred not in PREDICTIONS:
+            raise ValueError(f"{self.name} pred must be one of {', '.join(PREDICTIONS)}, got {pred!r}")  # type: ignore[attr-defined]
+        self.pred = pred
+        ours = ("pqw", "pqcol", "pqin") if pred == "int8" else ("ppred",)
+        self.fit_suffixes = (*type(self).fit_suffixes, *ours)  # the residual codec's, then the prediction's
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {**super().params, "pred": self.pred}  # type: ignore[misc]
+
+    @property
+    def torch_decodable(self) -> bool:
+        return self.pred == "int8"
 
     # -- fit --
 
@@ -37,17 +69,28 @@ class LinearPrediction:
         """The residual codec's fit of the residual of ``x`` after the least-squares prediction from ``below``
         (the decoded state below, the same frames; None for the first stored state)."""
         x = np.asarray(x, dtype=np.float32)
-        weights = self._least_squares(below, x)
-        return {**super().fit(x - predict(below, weights), starts), "ppred": weights}
+        pfit = self._prediction_fit(below, x)
+        return {**super().fit(x - self.predict(below, pfit), starts), **pfit}  # type: ignore[misc]
 
-    def _least_squares(self, below: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+    def _prediction_fit(self, below: np.ndarray | None, x: np.ndarray) -> dict[str, np.ndarray]:
         dim = x.shape[1]
+        if self.pred == "float32":
+            return {"ppred": _least_squares(below, x)}
         if below is None:
-            return np.zeros((0, dim), np.float32)
-        a = np.concatenate([np.asarray(below, np.float64), np.ones((len(below), 1))], axis=1)
-        gram = a.T @ a
-        gram[np.diag_indices_from(gram)] += _RIDGE * max(float(np.trace(gram)) / len(gram), 1e-30)
-        return np.linalg.solve(gram, a.T @ x.astype(np.float64)).astype(np.float32)
+            return {"pqw": np.zeros((0, dim), np.int8), "pqcol": np.zeros((0, dim), np.float32),
+                    "pqin": np.zeros(0, np.float32)}
+        below = np.asarray(below, np.float32)
+        peak = np.abs(below).max(axis=0)
+        pqin = np.where(peak > 0, _INT8 / np.where(peak > 0, peak, 1), 1).astype(np.float32)
+        q = _quantise_input(below, pqin)
+        w = _least_squares(q, x)  # the map from the integers the decoder will have
+        gain = np.abs(w[:-1]).max(axis=0) / _INT8
+        gain = np.where(gain > 0, gain, 1).astype(np.float32)
+        pqw = np.rint(w[:-1] / gain).astype(np.int8)
+        product = exact_product(q, pqw.astype(np.float32))
+        product *= gain
+        bias = (x - product).mean(axis=0, dtype=np.float64).astype(np.float32)  # what rounding w moved
+        return {"pqw": pqw, "pqcol": np.stack([gain, bias]), "pqin": pqin}
 
     def fit_layers(self, layer: Callable[[int], np.ndarray], n: int,
                    starts: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
@@ -62,7 +105,7 @@ class LinearPrediction:
                     below: np.ndarray | None = None) -> dict[str, np.ndarray]:
         x = np.asarray(x, dtype=np.float32)
         fit = fit if fit is not None else self.fit(x, starts, below)
-        return super().encode_part(x - predict(below, fit["ppred"]), starts, fit)
+        return super().encode_part(x - self.predict(below, fit), starts, fit)  # type: ignore[misc]
 
     def encode_layers(self, layer: Callable[[int], np.ndarray], n: int, starts: np.ndarray | None,
                       fits: list[dict[str, np.ndarray]] | None) -> Iterator[dict[str, np.ndarray]]:
@@ -91,31 +134,69 @@ class LinearPrediction:
 
     # -- decode --
 
+    def predict(self, below: np.ndarray | None, fit: dict[str, Any]) -> np.ndarray | float:
+        """The prediction of a state from the decoded ``below`` (float32) with a layer's fit; 0 for the first
+        stored state. The torch decoder (hff_cache/batches/device_decode.py) repeats these operations."""
+        if self.pred == "float32":
+            weights = np.asarray(fit["ppred"])
+            if below is None or not len(weights):
+                return 0.0
+            return np.asarray(below, np.float32) @ weights[:-1] + weights[-1]
+        pqw = np.asarray(fit["pqw"])
+        if below is None or not len(pqw):
+            return 0.0
+        pqcol = np.asarray(fit["pqcol"])
+        out = exact_product(_quantise_input(np.asarray(below, np.float32), np.asarray(fit["pqin"])),
+                            pqw.astype(np.float32))
+        out *= pqcol[0]
+        out += pqcol[1]
+        return out
+
     def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
         """Rows ``rows``: the residual as the residual codec decodes it, plus the prediction from
         ``stored["below"]``, the same rows of the state below decoded (float32; None for the first stored state)."""
-        out = super().decode(stored, rows, np.float32)
-        weights = np.asarray(stored["ppred"])
-        if len(weights):
+        out = super().decode(stored, rows, np.float32)  # type: ignore[misc]
+        first = not len(np.asarray(stored["ppred" if self.pred == "float32" else "pqw"]))
+        if not first:
             below = stored.get("below")
             if below is None:
-                raise ValueError(f"{self.name}: this hidden state decodes from the decoded state below it "
+                raise ValueError(f"{self.name}: this hidden state decodes from the decoded state below it "  # type: ignore[attr-defined]
                                  "(decode the stored layers in order)")
-            out += predict(below, weights)
+            out += self.predict(below, stored)
         return out.astype(dtype, copy=False)
+
+
+def _least_squares(below: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+    """(D + 1, D) float32 ridge least-squares map (bias in the last row) from ``below`` to ``x``; (0, D) without
+    a state below."""
+    dim = x.shape[1]
+    if below is None:
+        return np.zeros((0, dim), np.float32)
+    a = np.concatenate([np.asarray(below, np.float64), np.ones((len(below), 1))], axis=1)
+    gram = a.T @ a
+    gram[np.diag_indices_from(gram)] += _RIDGE * max(float(np.trace(gram)) / len(gram), 1e-30)
+    return np.linalg.solve(gram, a.T @ x.astype(np.float64)).astype(np.float32)
+
+
+def _quantise_input(below: np.ndarray, pqin: np.ndarray) -> np.ndarray:
+    """The decoded state below as int8 values per dimension (float32 holding integers in -127..127)."""
+    q = below * pqin  # a multiplication, not a division: rounded alike on every device
+    np.rint(q, out=q)
+    return np.clip(q, -_INT8, _INT8, out=q)
+
+
+def exact_product(q: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``q @ w`` of float32 integers (|q|, |w| <= 127) in blocks of ``EXACT_BLOCK`` input dimensions, each block
+    exact, added in block order."""
+    out = q[:, :EXACT_BLOCK] @ w[:EXACT_BLOCK]
+    for lo in range(EXACT_BLOCK, q.shape[1], EXACT_BLOCK):
+        out += q[:, lo:lo + EXACT_BLOCK] @ w[lo:lo + EXACT_BLOCK]
+    return out
 
 
 class TPCAPCodec(LinearPrediction, TPCACodec):
     """tpca of each stored hidden state's residual after a linear prediction from the decoded state below it:
     at tpca's bytes, half its error after LayerNorm on Whisper tiny.en (docs/results.md)."""
 
-    name = "tpcap"
-    fit_suffixes = (*TPCACodec.fit_suffixes, "ppred")
+    name = "tpcap"  # fit_suffixes: tpca's, and the prediction's (LinearPrediction.__init__)
 
-
-def predict(below: np.ndarray | None, weights: np.ndarray) -> np.ndarray | float:
-    """The linear prediction of a state from the decoded ``below`` (float32); 0 without one."""
-    if below is None or not len(weights):
-        return 0.0
-    below = np.asarray(below, np.float32)
-    return below @ weights[:-1] + weights[-1]
