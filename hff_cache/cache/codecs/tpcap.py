@@ -36,8 +36,9 @@ class LinearPrediction:
     below is rounded to int8 per dimension (``pqin``, the fit's multiplier per input dimension) and multiplied
     by int8 weights (``pqw``, (D, D)), then scaled per output column and offset (``pqcol``: gain and bias
     rows). The product of integers is exact in float32, so a torch decoder on any device gives the numpy
-    decoder's numbers bit for bit, which compressed residency needs. ``float32``: a float32 (D + 1, D) map (``ppred``, bias in the
-    last row), what caches written before 2026-12-07 hold (``legacy_params``); it has no torch decoder.
+    decoder's numbers bit for bit, which compressed residency needs. ``float32``: a float32 (D + 1, D) map
+    (``ppred``, bias in the last row), what caches written before 2026-12-07 hold (``legacy_params``); it has
+    no torch decoder.
     """
 
     default_pred = "int8"
