@@ -29,6 +29,7 @@ import numpy as np
 
 from hff_cache.cache import CacheReader, get_codec, transcode_cache
 from hff_cache.cache.reader import decode_codes
+from hff_cache.config import parse_option_value
 from hff_cache.runtime.threads import LoadWatch, warn_if_loaded
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def parse_codec(spec: str) -> tuple[str, dict[str, Any]]:
     params = {}
     for pair in pairs:
         key, value = pair.split("=", 1)
-        params[key] = json.loads(value)
+        params[key] = parse_option_value(value)  # as `--codec-param` reads it: numbers, else text
     return name, params
 
 
