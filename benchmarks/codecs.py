@@ -110,10 +110,10 @@ def decode_speed(reader: CacheReader, idx: list[int]) -> dict[str, float]:
     t0 = time.perf_counter()
     decode_codes(reader.codec, codes, np.float16, below=below)
     out = {"numpy": (time.perf_counter() - t0) * 1e6 / frames}
-    if reader.codec.name in device_decode.DECODERS:
+    if device_decode.can_decode(reader.codec):
         dc = device_decode.DeviceCodes({k: torch.from_numpy(v) for k, v in codes.rows.items()}, codes.lengths,
                                        codes.group, device_decode.device_groups(reader.codec, codes.groups, "cpu"),
-                                       codes.groups)
+                                       codes.groups, None if below is None else torch.from_numpy(below))
         device_decode.decode(reader.codec, dc)  # warm-up: the first torch ops pay one-off costs
         t0 = time.perf_counter()
         device_decode.decode(reader.codec, dc).half()
