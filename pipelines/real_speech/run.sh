@@ -275,7 +275,7 @@ for enc in $encoders; do
         "${sub[@]}" --seed "$seed"
     done
     # tpcape: entropy-coded levels of what the layer below does not predict; tpcap: the same with tpca's
-    # fixed-width codes; tpca: neither. All three at 0.25 B/value or less on disk: tpcape's rate control lands
+    # fixed-width codes (its int8 prediction since 2026-12-07, resident as codes); tpca: neither. All three at 0.25 B/value or less on disk: tpcape's rate control lands
     # ~0.5% above its target, so it is asked for 1.96 bits (0.248 B/value with the fit, docs/results.md).
     for codec in $codecs; do
       params=(); [ "$codec" = tpcape ] && params=(--codec-param bits=1.96)
