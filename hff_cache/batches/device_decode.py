@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from hff_cache.cache.codecs import MAIN, Codec, frame_layout, tpca_segments
-from hff_cache.cache.codecs.tpcap import EXACT_BLOCK
+from hff_cache.cache.codecs.tpcap import exact_product
 
 __all__ = ["DECODERS", "DeviceCodes", "can_decode", "decode", "register_decoder"]
 
@@ -177,14 +177,6 @@ def tpca_device_fit(fit: dict[str, np.ndarray], device: torch.device | str) -> d
 # --- tpcap: tpca of the residual plus the int8 prediction from the layer below -------------------------------
 
 
-def _exact_product(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Torch twin of ``tpcap.exact_product``: integer blocks of EXACT_BLOCK input dimensions, added in order."""
-    out = q[:, :EXACT_BLOCK] @ w[:EXACT_BLOCK]
-    for lo in range(EXACT_BLOCK, q.shape[1], EXACT_BLOCK):
-        out += q[:, lo:lo + EXACT_BLOCK] @ w[lo:lo + EXACT_BLOCK]
-    return out
-
-
 def _tpcap(codec: Codec, c: DeviceCodes) -> torch.Tensor:
     out = _tpca(codec, c)  # the residual
     if not c.groups or not len(c.groups[0]["pqw"]):
@@ -197,7 +189,7 @@ def _tpcap(codec: Codec, c: DeviceCodes) -> torch.Tensor:
         rows = torch.nonzero(row_group == gi).flatten() if len(c.groups) > 1 else None
         below = c.below if rows is None else c.below[rows]
         q = torch.round(below * fit["pqin"]).clamp_(-127, 127)  # LinearPrediction.predict's operations
-        pred = _exact_product(q, fit["pqw32"])
+        pred = exact_product(q, fit["pqw32"])  # the numpy decoder's own blocks, on tensors
         pred.mul_(fit["pqcol"][0])
         pred.add_(fit["pqcol"][1])
         if rows is None:

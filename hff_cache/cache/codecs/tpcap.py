@@ -4,7 +4,7 @@ mix in (docs/cache_format.md, "Codecs")."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -19,6 +19,7 @@ _INT8 = 127
 # Input dimensions per product block: |sum| <= 127 * 127 * 1024 < 2^24, so each block's sum of integers is
 # exact in float32 whatever order BLAS, cuBLAS or TF32 add it in; the blocks are added in a fixed order.
 EXACT_BLOCK = 1024
+Matrix = TypeVar("Matrix")  # a numpy array or a torch tensor (the codecs never import torch)
 
 
 class LinearPrediction:
@@ -138,15 +139,15 @@ class LinearPrediction:
     def predict(self, below: np.ndarray | None, fit: dict[str, Any]) -> np.ndarray | float:
         """The prediction of a state from the decoded ``below`` (float32) with a layer's fit; 0 for the first
         stored state. The torch decoder (hff_cache/batches/device_decode.py) repeats these operations."""
+        if not len(fit["ppred" if self.pred == "float32" else "pqw"]):
+            return 0.0  # the first stored state
+        if below is None:
+            raise ValueError(f"{self.name}: this hidden state decodes from the decoded state below it "  # type: ignore[attr-defined]
+                             "(decode the stored layers in order)")
         if self.pred == "float32":
             weights = np.asarray(fit["ppred"])
-            if below is None or not len(weights):
-                return 0.0
             return np.asarray(below, np.float32) @ weights[:-1] + weights[-1]
-        pqw = np.asarray(fit["pqw"])
-        if below is None or not len(pqw):
-            return 0.0
-        pqcol = np.asarray(fit["pqcol"])
+        pqw, pqcol = np.asarray(fit["pqw"]), np.asarray(fit["pqcol"])
         out = exact_product(_quantise_input(np.asarray(below, np.float32), np.asarray(fit["pqin"])),
                             pqw.astype(np.float32))
         out *= pqcol[0]
@@ -157,13 +158,7 @@ class LinearPrediction:
         """Rows ``rows``: the residual as the residual codec decodes it, plus the prediction from
         ``stored["below"]``, the same rows of the state below decoded (float32; None for the first stored state)."""
         out = super().decode(stored, rows, np.float32)  # type: ignore[misc]
-        first = not len(np.asarray(stored["ppred" if self.pred == "float32" else "pqw"]))
-        if not first:
-            below = stored.get("below")
-            if below is None:
-                raise ValueError(f"{self.name}: this hidden state decodes from the decoded state below it "  # type: ignore[attr-defined]
-                                 "(decode the stored layers in order)")
-            out += self.predict(below, stored)
+        out += self.predict(stored.get("below"), stored)
         return out.astype(dtype, copy=False)
 
 
@@ -186,9 +181,9 @@ def _quantise_input(below: np.ndarray, pqin: np.ndarray) -> np.ndarray:
     return np.clip(q, -_INT8, _INT8, out=q)
 
 
-def exact_product(q: np.ndarray, w: np.ndarray) -> np.ndarray:
+def exact_product(q: Matrix, w: Matrix) -> Matrix:
     """``q @ w`` of float32 integers (|q|, |w| <= 127) in blocks of ``EXACT_BLOCK`` input dimensions, each block
-    exact, added in block order."""
+    exact, added in block order. numpy arrays or torch tensors alike (the torch decoder calls it too)."""
     out = q[:, :EXACT_BLOCK] @ w[:EXACT_BLOCK]
     for lo in range(EXACT_BLOCK, q.shape[1], EXACT_BLOCK):
         out += q[:, lo:lo + EXACT_BLOCK] @ w[lo:lo + EXACT_BLOCK]
