@@ -246,3 +246,28 @@ def test_to_and_from_s3(src: str, tmp_path: Path, s3_endpoint: str) -> None:
     down = transcode_cache(url, str(tmp_path / "fp16.zarr"), "fp16", storage_options=opts)
     assert down["ok"], down["problems"]
     _same_content(CacheReader(src), CacheReader(down["dst"]))
+
+
+def test_an_older_interrupted_dst_resumes_with_its_settings_spelled_out(multi: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # a tpcape DST begun before deadzone/centroids/pred existed records none of them; they behaved as these
+    legacy = {"deadzone": 0.0, "centroids": False, "pred": "float32"}
+    full = transcode_cache(multi, str(tmp_path / "full.zarr"), "tpcape", codec_params=legacy)
+    dst = str(tmp_path / "old.zarr")
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            transcode_cache(multi, dst, "tpcape", codec_params=legacy)
+    root = zarr.open_group(dst, mode="r+")
+    attrs = dict(root.attrs["hff_cache"])
+    attrs["codec"] = {"name": "tpcape", "params": {k: v for k, v in attrs["codec"]["params"].items()
+                                                   if k not in legacy}}
+    root.attrs["hff_cache"] = attrs
+    with pytest.raises(CacheMismatchError, match="deadzone"):  # today's defaults would code the rest otherwise
+        transcode_cache(multi, dst, "tpcape")
+    resumed = transcode_cache(multi, dst, "tpcape", codec_params=legacy)
+    assert resumed["ok"], resumed["problems"]
+    assert resumed["already_done"] > 0
+    a, b = CacheReader(full["dst"]), CacheReader(dst)
+    for x, y in zip(a.read_many(range(len(a))), b.read_many(range(len(b))), strict=True):
+        np.testing.assert_array_equal(y, x)

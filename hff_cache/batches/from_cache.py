@@ -91,8 +91,9 @@ class CacheBatches:
         codec: Codec = reader.codec
         self.resident = "codes" if resident == "codes" and device_decode.can_decode(codec) else "fp16"
         self.device = torch.device(device if device is not None else "cpu")  # where codes are decoded
-        self.resident_nbytes = self.num_frames * resident_frame_bytes(codec, self.num_layers, self.hidden_size,
-                                                                      self.resident)  # estimate until loaded
+        # an estimate until loaded; a chained codec's codes hold every stored layer up to the top one asked
+        held = len(self._resident_layers()[1]) if self.resident == "codes" else self.num_layers
+        self.resident_nbytes = self.num_frames * resident_frame_bytes(codec, held, self.hidden_size, self.resident)
         if in_memory == "auto":
             # half of what is free leaves room for the batches, the model and a second (valid) cache;
             # the ranks of one node share that memory

@@ -38,7 +38,7 @@ from .format import (
 )
 from .reader import CacheReader, PartInfo, load_root_meta, open_array, open_store
 from .verify import verify_cache
-from .writer import CacheWriter, clear_shard_record, record_shard_complete
+from .writer import CacheWriter, as_recorded, clear_shard_record, record_shard_complete
 
 WORKER = "w000"  # one worker: its part ids sort in the order written, which is the source's order
 BATCH_UTTS = 32  # utterances decoded per read_many call
@@ -153,7 +153,7 @@ def _check_dst(dst: str, opts: dict | None, target: CacheMeta, source: CacheRead
             return
         raise CacheFormatError(f"DST {dst} exists and is not a feature cache this hff-cache writes ({e}); "
                                "choose another DST, or delete it") from None
-    diffs = check_compatible(existing, target)
+    diffs = check_compatible(as_recorded(existing), target)
     if diffs:
         raise CacheMismatchError(f"DST {dst} is a feature cache with other settings ({'; '.join(diffs)}); "
                                  "choose another DST, or delete it to transcode into it anew")

@@ -22,7 +22,7 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 from zarr.storage import LocalStore, MemoryStore
 
 from .. import __version__
-from .codecs import MAIN, Codec, get_codec
+from .codecs import MAIN, Codec, get_codec, recorded_params
 from .format import (
     CHECKSUM_ALGORITHM,
     CHUNK_FRAMES,
@@ -166,7 +166,7 @@ class CacheWriter:
         if existing.format_version > FORMAT_VERSION:
             raise CacheFormatError(f"{self.url} uses cache format {existing.format_version}, newer than this "
                                    f"hff-cache writes ({FORMAT_VERSION}); upgrade hff-cache")
-        diffs = check_compatible(existing, requested)
+        diffs = check_compatible(as_recorded(existing), requested)
         if diffs:
             raise CacheMismatchError(
                 f"the feature cache at {self.url} was written with other settings:\n  "
@@ -574,3 +574,10 @@ def _upload(src: Store, dst: Store, keys: list[str], drop: bool = False) -> None
             raise errors[0]
 
     sync(_all())
+
+
+def as_recorded(meta: CacheMeta) -> CacheMeta:
+    """``meta`` with its codec's parameters added since it was written filled in as they behaved then, so
+    resuming an older cache with those settings spelled out is not refused as "other settings"."""
+    spec = meta.codec
+    return replace(meta, codec=CodecSpec(spec.name, recorded_params(spec.name, dict(spec.params))))

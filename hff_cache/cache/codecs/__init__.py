@@ -22,7 +22,7 @@ from .tpcape import TPCAPECodec
 
 __all__ = ["CODECS", "MAIN", "Codec", "FP16Codec", "Int4BlockCodec", "Int4Codec", "Int8Codec", "NF4BlockCodec",
            "TPCACodec", "TPCAECodec", "TPCAPCodec", "TPCAPECodec", "frame_layout", "get_codec", "recorded_codec",
-           "register_codec", "tpca_decode_blobs", "tpca_segments"]
+           "recorded_params", "register_codec", "tpca_decode_blobs", "tpca_segments"]
 
 # The registry. A new codec is one file in this package plus one line here (docs/contributing.md).
 CODECS: dict[str, Callable[..., Codec]] = {
@@ -62,5 +62,10 @@ def recorded_codec(name: str, params: dict[str, Any]) -> Codec:
     """The codec a cache records: a parameter added after the cache was written (absent from its ``params``)
     takes the value that behaviour had then (the codec's ``legacy_params``), not today's default, so old
     caches decode unchanged. Readers use this; writers of new caches use ``get_codec``."""
-    legacy = getattr(CODECS.get(name), "legacy_params", {})
-    return get_codec(name, **{**legacy, **params})
+    return get_codec(name, **recorded_params(name, params))
+
+
+def recorded_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A cache's recorded ``params`` with the ones added since filled in as it was written (``legacy_params``):
+    what a writer resuming the cache compares the requested settings with."""
+    return {**getattr(CODECS.get(name), "legacy_params", {}), **params}

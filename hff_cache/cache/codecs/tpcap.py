@@ -54,7 +54,7 @@ class LinearPrediction:
             raise ValueError(f"{self.name} pred must be one of {', '.join(PREDICTIONS)}, got {pred!r}")  # type: ignore[attr-defined]
         self.pred = pred
         ours = ("pqw", "pqcol", "pqin") if pred == "int8" else ("ppred",)
-        self.fit_suffixes = (*type(self).fit_suffixes, *ours)  # the residual codec's, then the prediction's
+        self.fit_suffixes = (*self.fit_suffixes, *ours)  # the residual codec's, then the prediction's
 
     @property
     def params(self) -> dict[str, Any]:

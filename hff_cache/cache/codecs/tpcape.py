@@ -15,3 +15,4 @@ class TPCAPECodec(LinearPrediction, TPCAECodec):
     # The entropy-coded levels decode on the CPU (ANS) whatever the prediction, so there is no torch decoder
     # for int8 to make exact: tpcape keeps the float32 prediction its measured rows used (docs/results.md).
     default_pred = "float32"
+    legacy_params = {**LinearPrediction.legacy_params, **TPCAECodec.legacy_params}
