@@ -86,6 +86,21 @@ def parts_on_disk(out: str | Path) -> tuple[set[str], int]:
     return names, committed
 
 
+def as_older_cache(url: str | Path, drop: tuple[str, ...] = (), drop_codec_params: tuple[str, ...] = ()) -> None:
+    """Rewrite a local cache's root record as an older hff-cache wrote it, before ``drop`` (root keys, e.g.
+    "layout") and ``drop_codec_params`` (e.g. "deadzone") existed: what the tests of reading and resuming old
+    caches start from."""
+    import zarr
+
+    from hff_cache.cache.format import ROOT_KEY
+
+    root = zarr.open_group(store=str(url), mode="r+")
+    record = {k: v for k, v in dict(root.attrs[ROOT_KEY]).items() if k not in drop}
+    codec = record["codec"]
+    record["codec"] = {**codec, "params": {k: v for k, v in codec["params"].items() if k not in drop_codec_params}}
+    root.attrs[ROOT_KEY] = record
+
+
 @dataclass
 class S3Server:
     """A running moto S3 server: its endpoint and what it has served since the last ``reset``."""

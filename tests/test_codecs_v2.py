@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from hff_cache.batches import device_decode
 from hff_cache.batches.from_cache import CacheBatches, hours_per_gib
@@ -37,7 +36,7 @@ from hff_cache.cache.codecs.tpcap import exact_product
 from hff_cache.cache.format import array_checksum
 from hff_cache.cache.reader import decode_codes
 from hff_cache.tasks.task import Task
-from hff_cache.testing import tiny_cache
+from hff_cache.testing import as_older_cache, tiny_cache
 
 D = 64
 LAYERS = [0, 1, 2]
@@ -569,10 +568,7 @@ def write_then_strip(url: Path, name: str, old: dict[str, Any]) -> list[np.ndarr
             x, _ = whisper_like(rng, [int(rng.integers(20, 90))], D)
             writer.add(f"u{i}", np.stack([x * (j + 1) for j in range(len(LAYERS))]))
     want = CacheReader(str(url)).read_many(range(6))
-    root = zarr.open_group(str(url), mode="r+")
-    attrs = dict(root.attrs["hff_cache"])
-    attrs["codec"] = {"name": name, "params": {k: v for k, v in attrs["codec"]["params"].items() if k not in old}}
-    root.attrs["hff_cache"] = attrs
+    as_older_cache(url, drop_codec_params=tuple(old))
     return want
 
 

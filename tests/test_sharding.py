@@ -13,7 +13,7 @@ from hff_cache.cache import CODECS, CacheReader, CacheWriter, get_codec, transco
 from hff_cache.cache.codecs import MAIN
 from hff_cache.cache.reader import decode_codes
 from hff_cache.cache.rows import ShardedRows
-from hff_cache.testing import tiny_cache
+from hff_cache.testing import as_older_cache, tiny_cache
 
 CHUNK = 32  # small chunks, so that the tiny cache's parts span several of them
 SHARD = 100  # rounded up to whole chunks: 128 frames a shard
@@ -84,10 +84,7 @@ def test_a_cache_without_a_recorded_layout_reads_and_keeps_it(src: str, tmp_path
     its parts unsharded whatever it is asked."""
     old = tmp_path / "old.zarr"
     transcode_cache(src, str(old), "int8")
-    group = zarr.open_group(store=str(old), mode="r+")
-    attrs = dict(group.attrs["hff_cache"])
-    del attrs["layout"]
-    group.attrs["hff_cache"] = attrs
+    as_older_cache(old, drop=("layout",))
     r = CacheReader(str(old))
     assert r.meta.layout == {} and len(r.read_many(range(len(r)))) == len(r)
     with CacheWriter(str(old), r.meta, shard_frames=SHARD) as w:

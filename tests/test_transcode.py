@@ -25,7 +25,7 @@ from hff_cache.cache.codecs import Int8Codec
 from hff_cache.config import ExtractConfig
 from hff_cache.encoders.tiny import tiny_encoder
 from hff_cache.extraction.extract import extract
-from hff_cache.testing import tiny_cache, write_corpus
+from hff_cache.testing import as_older_cache, tiny_cache, write_corpus
 
 TEXTS = ["a cat", "the dog", "sun", "a bird sings", "rain", "hello"]
 
@@ -258,11 +258,7 @@ def test_an_older_interrupted_dst_resumes_with_its_settings_spelled_out(multi: s
         _interrupt_after(m, 3)
         with pytest.raises(KeyboardInterrupt):
             transcode_cache(multi, dst, "tpcape", codec_params=legacy)
-    root = zarr.open_group(dst, mode="r+")
-    attrs = dict(root.attrs["hff_cache"])
-    attrs["codec"] = {"name": "tpcape", "params": {k: v for k, v in attrs["codec"]["params"].items()
-                                                   if k not in legacy}}
-    root.attrs["hff_cache"] = attrs
+    as_older_cache(dst, drop_codec_params=tuple(legacy))
     with pytest.raises(CacheMismatchError, match="deadzone"):  # today's defaults would code the rest otherwise
         transcode_cache(multi, dst, "tpcape")
     resumed = transcode_cache(multi, dst, "tpcape", codec_params=legacy)

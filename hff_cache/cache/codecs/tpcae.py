@@ -101,16 +101,16 @@ class TPCAECodec(TimeGroupCodec):
         fit["pdeal"] = self._deal(grouped, singles, dim)
         fit["pstep"] = np.asarray([self._rate_control(grouped, singles, dim)], np.float32)
         if self.centroids:
-            fit["pbias"] = self._centroids(grouped, singles, float(fit["pstep"][0]))
+            fit["pbias"] = self._centroids(grouped, singles, dim, float(fit["pstep"][0]))
         return fit
 
-    def _centroids(self, grouped: np.ndarray, singles: np.ndarray, step: float) -> np.ndarray:
+    def _centroids(self, grouped: np.ndarray, singles: np.ndarray, dim: int, step: float) -> np.ndarray:
         """(group + 1, D) float32, per coefficient (row type k, component; the last row: singles) how far below
         its level a nonzero level decodes, in steps: the mean of |level| - |u| / step over the fit's nonzero
         levels. The coefficients are about Laplacian, so within every bin the values crowd towards 0, and the
         bin's centroid, not its centre, is the least-squares reconstruction (the same offset for every level
         of a Laplacian)."""
-        g, dim = self.group, grouped.shape[-1] if len(grouped) else singles.shape[-1]
+        g = self.group
         out = np.zeros((g + 1, dim), np.float32)
         for u, rows in ((grouped.reshape(-1, g, dim), slice(0, g)), (singles[:, None], slice(g, g + 1))):
             if not len(u):
