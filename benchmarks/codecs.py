@@ -123,8 +123,6 @@ def decode_speed(reader: CacheReader, idx: list[int]) -> dict[str, float]:
 
 def measure(codec: str, ref_valid: CacheReader, va: str, idx: list[int]) -> dict[str, Any]:
     """Everything but the WER: sizes, errors, residency, decode speed of ``va`` (``ref_valid`` in ``codec``)."""
-    from hff_cache.batches.from_cache import hours_per_gib
-
     name, params = parse_codec(codec)
     other = CacheReader(va)
     info = other.info()
@@ -138,8 +136,21 @@ def measure(codec: str, ref_valid: CacheReader, va: str, idx: list[int]) -> dict
             "disk_bpv": info["bytes_per_value"], "features_bpv": sizes["features"] / values,
             "fit_mib": sizes["fit"] / 2**20, "mib": info["bytes"] / 2**20, "rel_err": rel,
             "ln_mse": ln_mse, "eval_frames": int(ref_valid.lengths[idx].sum()),
-            "hours_per_gib": hours_per_gib(other.codec, len(other.layers), e.hidden_size, e.frame_rate),
+            "hours_per_gib": resident_hours_per_gib(other),
             "decode_us_per_frame": decode_speed(other, idx[:40])}
+
+
+def resident_hours_per_gib(reader: CacheReader) -> float:
+    """Hours of audio a GiB of RAM holds under ``--in-memory``, measured: every utterance of ``reader`` loaded
+    as training would (the stored codes, bit-packed levels or decoded float16), all layers."""
+    from types import SimpleNamespace
+
+    from hff_cache.batches.from_cache import CacheBatches
+
+    every = SimpleNamespace(indices=list(range(len(reader))), ids=list(reader.ids), targets=[0] * len(reader))
+    src = CacheBatches(reader, every, ctc=False, in_memory=True)
+    src.load()
+    return src.num_frames / reader.meta.encoder.frame_rate / 3600 / (src.resident_nbytes / 2**30)
 
 
 def subset_labels(reader: CacheReader, n: int, path: Path) -> str:
@@ -245,7 +256,8 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace, cmd: str, ref: Cac
         f"LayerNorm, what the fusion sees), per hidden state {layers[0]}..{layers[-1]}. Bytes per value: nominal "
         "(payload + per-frame side arrays, before zstd), on disk (everything in the store / values stored), on disk "
         "of the feature arrays alone; fit: the fitted statistics (tpca: one fit part per writer, left out of the "
-        "feature bytes). h/GiB: hours of audio (50 frames/s) one GiB of RAM holds with `--in-memory`. Decode: "
+        "feature bytes). h/GiB: hours of audio (50 frames/s) one GiB of RAM holds with `--in-memory`, measured by "
+        "loading the validation cache as training does. Decode: "
         "microseconds per frame of one layer from the codes in RAM, numpy / torch (CPU).", "",
         "| codec | nominal B/value | disk B/value | features B/value | fit MiB | h/GiB RAM | decode us/frame | "
         + ("WER % | WER change vs fp16 | " if trained else "")

@@ -263,7 +263,7 @@ def test_compressed_residency_epoch_equals_the_float16_epoch(transcoded: dict[st
     kw = dict(ctc=True, batch_frames=200, shuffle_frames=150, block_frames=100, in_memory=True)
     codes, fp16 = CacheBatches(r, data, **kw), CacheBatches(r, data, resident="fp16", **kw)
     streamed = CacheBatches(r, data, **{**kw, "in_memory": False})
-    # a codec without a torch decoder (fp16, tpcae, tpcape) is held as decoded float16
+    # a codec without a torch decoder (fp16; tpcape with its float32 prediction) is held as decoded float16
     assert codes.resident == ("codes" if name in DECODABLE else "fp16") and fp16.resident == "fp16"
     epochs = [list(s.epoch(2)) for s in (codes, fp16, streamed)]
     assert len(epochs[0]) == len(epochs[1]) == len(epochs[2]) > 1
@@ -302,6 +302,10 @@ def test_hours_of_audio_per_gib() -> None:
     assert h["tpcap"] == h["tpca"]  # its int8 prediction decodes on the device too
     assert hours_per_gib(get_codec("tpcap", pred="float32"), *base) == h["fp16"]  # no torch decoder: float16
     assert hours_per_gib(get_codec("tpca"), *base, resident="fp16") == pytest.approx(h["fp16"])
+    # the entropy-coded levels reside bit-packed: an estimate until loaded (the loader reports the real size)
+    assert 4 * h["fp16"] < h["tpcae"] < 8 * h["fp16"]
+    assert hours_per_gib(get_codec("tpcape", pred="int8"), *base) == h["tpcae"]
+    assert hours_per_gib(get_codec("tpcae", exact=False), *base) == h["fp16"]  # written before the exact decoder
 
 
 # --- old caches ------------------------------------------------------------------------------------------
@@ -586,18 +590,27 @@ def test_a_tpcap_cache_from_before_pred_reads_with_its_float32_prediction(tmp_pa
     assert recorded_codec("tpcap", {}).pred == "float32" and get_codec("tpcap").pred == "int8"
 
 
+@pytest.mark.parametrize("before", ["deadzone", "exact"])
 @pytest.mark.parametrize("name", ["tpcae", "tpcape"])
-def test_an_entropy_coded_cache_from_before_the_deadzone_reads_as_it_was_written(tmp_path: Path, name: str) -> None:
-    old = {"deadzone": 0.0, "centroids": False, **({"pred": "float32"} if name == "tpcape" else {})}
+def test_an_entropy_coded_cache_from_before_a_param_reads_as_it_was_written(tmp_path: Path, name: str,
+                                                                            before: str) -> None:
+    # before the deadzone: no deadzone, no centroids, and the levels multiplied in BLAS's order; before the
+    # exact decoder (2026-12-07's caches): deadzone and centroids with offsets off the 1/128 grid
+    old = {"deadzone": {"deadzone": 0.0, "centroids": False, "exact": False}, "exact": {"exact": False}}[before]
+    old = {**old, **({"pred": "float32"} if name == "tpcape" else {})}
     want = write_then_strip(tmp_path / "old", name, old)
     r = CacheReader(str(tmp_path / "old"))
-    assert not set(old) & set(r.meta.codec.params)
-    assert r.codec.deadzone == 0 and not r.codec.centroids and "pbias" not in r.codec.fit_suffixes
+    assert not set(old) & set(r.meta.codec.params) and not r.codec.exact
+    assert r.codec.centroids == (before == "exact") and ("pbias" in r.codec.fit_suffixes) == r.codec.centroids
+    if before == "exact":  # its offsets were stored as fitted, not on the grid
+        pbias = r._fit_arrays(r.parts()[0].part_id, 1)["pbias"]
+        assert np.any(pbias * 128 != np.round(pbias * 128))
     for a, b in zip(r.read_many(range(6)), want, strict=True):
         np.testing.assert_array_equal(a, b)
     assert verify_cache(str(tmp_path / "old")).ok
+    assert CacheBatches(r, _unlabelled(r), ctc=False, in_memory=True).resident == "fp16"  # no exact torch twin
     today = get_codec(name)
-    assert today.deadzone > 0 and today.centroids and "pbias" in today.fit_suffixes
+    assert today.deadzone > 0 and today.centroids and today.exact and "pbias" in today.fit_suffixes
 
 
 @pytest.mark.parametrize("name", ["tpcae", "tpcape"])

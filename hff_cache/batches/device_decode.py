@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from hff_cache.cache.codecs import MAIN, Codec, frame_layout, tpca_segments
+from hff_cache.cache.codecs.tpcae import BIAS_GRID, exact_residual
 from hff_cache.cache.codecs.tpcap import exact_product
 
 __all__ = ["DECODERS", "DeviceCodes", "can_decode", "decode", "register_decoder"]
@@ -125,43 +126,63 @@ def _tpca_blobs(blobs: torch.Tensor, fit: dict[str, torch.Tensor], count: np.nda
             parts[pos] = y
         else:
             parts[pos].add_(y)
-    out = torch.empty((len(blobs), len(kinds), mean.shape[0]), dtype=torch.float32, device=blobs.device)
     parts = [torch.zeros((len(blobs), mean.shape[0]), dtype=torch.float32, device=blobs.device) if p is None else p
              for p in parts]
-    if len(kinds) == 1:
+    return _inverse_dct(parts, time, mean)
+
+
+def _inverse_dct(parts: list[torch.Tensor], time: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Torch twin of ``codecs.inverse_dct``: (n, D) coefficient frames -> (n, len(parts), D) frames + mean."""
+    out = torch.empty((len(parts[0]), len(parts), mean.shape[0]), dtype=torch.float32, device=parts[0].device)
+    if len(parts) == 1:
         torch.add(parts[0], mean, out=out[:, 0])
         return out
-    for t in range(len(kinds)):  # inverse DCT in the numpy decoder's order
+    for t in range(len(parts)):  # inverse DCT in the numpy decoder's order
         acc = parts[0] * time[0, t]
-        for k in range(1, len(kinds)):
+        for k in range(1, len(parts)):
             acc.add_(parts[k] * time[k, t])
         acc.add_(mean)
         out[:, t] = acc
     return out
 
 
-def _tpca(codec: Codec, c: DeviceCodes) -> torch.Tensor:
+GroupDecoder = Callable[[torch.Tensor, int, bool], torch.Tensor]
+
+
+def _time_groups(codec: Codec, c: DeviceCodes, decode_groups: GroupDecoder) -> torch.Tensor:
+    """The frames of a time-group codec (tpca, tpcae): each utterance's groups of ``group`` frames and its
+    single frames (``frame_layout``), per fit group, through ``decode_groups(rows, group index, singles)``,
+    rows (n, frames, ...) -> (n, frames, D)."""
     main, g = c.rows[MAIN], codec.group  # type: ignore[attr-defined]
     dev = main.device
     lengths = np.asarray(c.lengths, np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     first, singles = frame_layout(starts, len(main), g)
     utt = np.repeat(np.arange(len(lengths)), lengths)  # utterance of every row
-    time = torch.from_numpy(codec._time).to(dev)  # type: ignore[attr-defined]
     out = torch.zeros((len(main), c.groups_np[0]["pmean"].shape[0] if c.groups_np else 0), dtype=torch.float32,
                       device=dev)
-    for gi, fit in enumerate(c.groups):
-        count = c.groups_np[gi]["pcount"]
+    for gi in range(len(c.groups)):
         mine = first[c.utt_group[utt[first]] == gi] if len(first) else first
         if len(mine):
             idx = torch.from_numpy(mine[:, None] + np.arange(g)).to(dev)
-            dec = _tpca_blobs(main[idx].reshape(len(mine), -1), fit, count, list(range(g)), time)
+            dec = decode_groups(idx, gi, False)
             out[idx.reshape(-1)] = dec.reshape(-1, dec.shape[-1])
         alone = singles[c.utt_group[utt[singles]] == gi] if len(singles) else singles
         if len(alone):
             idx = torch.from_numpy(alone).to(dev)
-            out[idx] = _tpca_blobs(main[idx], fit, count, [g], time)[:, 0]
+            out[idx] = decode_groups(idx[:, None], gi, True)[:, 0]
     return out
+
+
+def _tpca(codec: Codec, c: DeviceCodes) -> torch.Tensor:
+    main, g = c.rows[MAIN], codec.group  # type: ignore[attr-defined]
+    time = torch.from_numpy(codec._time).to(main.device)  # type: ignore[attr-defined]
+
+    def groups(idx: torch.Tensor, gi: int, singles: bool) -> torch.Tensor:
+        kinds = [g] if singles else list(range(g))
+        return _tpca_blobs(main[idx].reshape(len(idx), -1), c.groups[gi], c.groups_np[gi]["pcount"], kinds, time)
+
+    return _time_groups(codec, c, groups)
 
 
 def tpca_device_fit(fit: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -178,7 +199,11 @@ def tpca_device_fit(fit: dict[str, np.ndarray], device: torch.device | str) -> d
 
 
 def _tpcap(codec: Codec, c: DeviceCodes) -> torch.Tensor:
-    out = _tpca(codec, c)  # the residual
+    return _add_prediction(codec, c, _tpca(codec, c))
+
+
+def _add_prediction(codec: Codec, c: DeviceCodes, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (the decoded residual) plus the int8 prediction from ``c.below`` (``LinearPrediction``)."""
     if not c.groups or not len(c.groups[0]["pqw"]):
         return out  # the first stored layer: no prediction
     if c.below is None:
@@ -199,6 +224,41 @@ def _tpcap(codec: Codec, c: DeviceCodes) -> torch.Tensor:
     return out
 
 
+# --- tpcae / tpcape: one uniform step, entropy-coded levels (decoded to int16 on the CPU before they get here) --
+
+
+def _tpcae(codec: Codec, c: DeviceCodes) -> torch.Tensor:
+    """Torch twin of ``codecs.tpcae_decode_groups`` with ``exact``: the levels' product in exact integer blocks
+    (``exact_residual``), then the numpy decoder's elementwise operations in its order."""
+    levels, scale = c.rows[MAIN], c.rows["pscale"]
+    time, dim = torch.from_numpy(codec._time).to(levels.device), levels.shape[1]  # type: ignore[attr-defined]
+
+    def groups(idx: torch.Tensor, gi: int, singles: bool) -> torch.Tensor:
+        fit, n, rows = c.groups[gi], len(idx), idx.shape[1]
+        deal = fit["pdeal"][-1:] if singles else fit["pdeal"][:rows]
+        coded = torch.zeros((n, rows * dim), dtype=torch.float32, device=levels.device)
+        coded[:, deal] = levels[idx].to(torch.float32)
+        offsets = None
+        if "pbias" in fit:
+            bias = fit["pbias"][-1] if singles else fit["pbias"][:rows].reshape(-1)
+            offsets = torch.sign(coded) * torch.round(bias * BIAS_GRID)
+        step = scale[idx[:, 0]].to(torch.float32) * fit["pstep"][0]
+        parts = []
+        for k in range(rows):
+            cols = slice(k * dim, (k + 1) * dim)
+            y = exact_residual(coded[:, cols], None if offsets is None else offsets[:, cols], fit["pbasis32"])
+            y.mul_(fit["pgain"])
+            y.mul_(step[:, None])
+            parts.append(y)
+        return _inverse_dct(parts, torch.ones((1, 1), device=levels.device) if singles else time, fit["pmean"])
+
+    return _time_groups(codec, c, groups)
+
+
+def _tpcape(codec: Codec, c: DeviceCodes) -> torch.Tensor:
+    return _add_prediction(codec, c, _tpcae(codec, c))
+
+
 DECODERS: dict[str, Decoder] = {
     "int8": _int8,
     "int4": _int4,
@@ -206,12 +266,16 @@ DECODERS: dict[str, Decoder] = {
     "nf4b": _int4b,  # the same layout; the codec's level table differs
     "tpca": _tpca,
     "tpcap": _tpcap,  # pred int8 only (``Codec.torch_decodable``)
+    "tpcae": _tpcae,  # exact only (caches written before 2026-12-08 reside as float16)
+    "tpcape": _tpcape,  # exact and pred int8
 }
 
 # How a decoder wants a group's per-part arrays on the device (default: as they are).
 GROUP_PREPARE: dict[str, Callable[[dict[str, np.ndarray], torch.device | str], dict[str, torch.Tensor]]] = {
     "tpca": tpca_device_fit,
     "tpcap": tpca_device_fit,
+    "tpcae": tpca_device_fit,
+    "tpcape": tpca_device_fit,
 }
 
 

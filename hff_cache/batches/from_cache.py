@@ -10,9 +10,10 @@ next window with ``num_workers`` threads while the model trains on the current o
 ``prefetch`` batches limits memory. Windows are decoded to float16 and capped at ``WINDOW_BYTES``.
 
 ``in_memory`` loads every labelled frame once and then only gathers batches from RAM. It holds the stored
-codes (compressed residency: int8, packed 4-bit, tpca's codes, with their scales) when the codec has a torch
-decoder (``device_decode.DECODERS``): the producer gathers a batch's codes with numpy, the consumer decodes
-them with torch on ``device`` (where the model runs), equal bit for bit to the numpy decoder. fp16 caches,
+codes (compressed residency: int8, packed 4-bit, tpca's codes, with their scales; the entropy-coded codecs'
+levels bit-packed, ``PackedLevels``) when the codec has a torch decoder (``device_decode.DECODERS``): the
+producer gathers a batch's codes with numpy, the consumer decodes them with torch on ``device`` (where the
+model runs), equal bit for bit to the numpy decoder. fp16 caches,
 codecs without a decoder and ``resident="fp16"`` hold decoded float16 instead (2 bytes a value). The plan of
 an epoch depends only on (seed, epoch), never on thread timing, so a resumed run sees the same batches as an
 uninterrupted one.
@@ -31,7 +32,8 @@ import torch
 
 from hff_cache.batches import device_decode
 from hff_cache.batches.common import collate_targets, memory_available
-from hff_cache.cache.codecs import Codec
+from hff_cache.batches.packed_levels import PackedLevels
+from hff_cache.cache.codecs import MAIN, Codec
 from hff_cache.cache.format import CHUNK_FRAMES
 from hff_cache.cache.reader import StoredCodes
 from hff_cache.config import TrainConfig
@@ -202,7 +204,8 @@ class CacheBatches:
             self._codes, self._mem_offsets = [], offsets
             return
         first = self.reader.read_codes(self.indices[self.blocks[0]].tolist(), layers)
-        res = [_ResidentLayer.allocate(c, int(offsets[-1]), len(self.indices)) for c in first]
+        packed = self.reader.codec.packed_residency
+        res = [_ResidentLayer.allocate(c, int(offsets[-1]), len(self.indices), packed) for c in first]
 
         def fill(block: np.ndarray, codes: list[StoredCodes] | None = None) -> list[StoredCodes]:
             codes = codes or self.reader.read_codes(self.indices[block].tolist(), layers)
@@ -386,9 +389,12 @@ class _ResidentLayer:
         self.groups_t: list[dict[str, torch.Tensor]] = []
 
     @classmethod
-    def allocate(cls, sample: StoredCodes, frames: int, positions: int) -> _ResidentLayer:
-        """Empty arrays for ``frames`` rows shaped like ``sample``'s."""
-        rows = {n: np.empty((frames, *a.shape[1:]), dtype=a.dtype) for n, a in sample.rows.items()}
+    def allocate(cls, sample: StoredCodes, frames: int, positions: int, packed: bool = False) -> _ResidentLayer:
+        """Empty arrays for ``frames`` rows shaped like ``sample``'s; ``packed``: the levels bit-packed (filled
+        with ``sample``'s block first, which chooses the widths)."""
+        rows: dict[str, Any] = {n: np.empty((frames, *a.shape[1:]), dtype=a.dtype) for n, a in sample.rows.items()}
+        if packed:
+            rows[MAIN] = PackedLevels(frames, sample.rows[MAIN].shape[1])
         return cls(rows, positions)
 
     def add_groups(self, block: np.ndarray, codes: StoredCodes) -> None:

@@ -64,6 +64,9 @@ class Codec:
     legacy_params: dict[str, Any] = {}
     # A torch decoder (hff_cache/batches/device_decode.py) can decode this configuration bit for bit.
     torch_decodable: bool = True
+    # Compressed residency holds ``layer_kk``'s integer levels bit-packed (hff_cache/batches/packed_levels.py),
+    # not as stored: an entropy coder's bytes cannot be gathered by rows.
+    packed_residency: bool = False
 
     def __init__(self, level: int = ZSTD_LEVEL) -> None:
         self.level = int(level)

@@ -10,6 +10,7 @@ from ..format import CHUNK_FRAMES, ZSTD_LEVEL
 from .ans import LEVEL_MAX, LaplaceANSCodec, laplace_bits, require_entropy_coder
 from .base import MAIN
 from .tpca import TimeGroupCodec, frame_layout, inverse_dct
+from .tpcap import Matrix, exact_product
 
 _SCALE_BITS = 16  # one float16 scale per group of frames (stored with each of its frames; zstd folds the copies)
 _STEP_RANGE = (1e-3, 1e3)  # the rate control's search range of the step, in units of a group's RMS
@@ -17,6 +18,13 @@ _STEP_TRIES = 24  # bisection steps on log(step): the rate lands within ~0.1% of
 _FLUSH_BITS = 64  # the ANS coder's last words per chunk
 _CODER_OVERHEAD = 1.01  # ANS with 24-bit probabilities codes ~0.4-1% above the models' information content
 _MAX_CENTROID = 0.5  # a nonzero level's reconstruction moves at most half a step towards 0
+# ``exact``: centroid offsets on a 1/128-step grid, so sign(level) * offset * 128 is an integer of at most 64 and
+# its product with the int8 basis is exact in float32; levels split as 128 * hi + lo (|lo| <= 64, |hi| <= 256)
+BIAS_GRID = 128
+_HI_BLOCK = 512  # 256 * 127 * 512 < 2^24: each block of the hi product is exact too
+# Bits a value that compressed residency spends above the rate (bit planes per column, and outliers stored
+# apart; hff_cache/batches/packed_levels.py), measured on Whisper tiny.en at 1.96 bits: an estimate for planning
+PACKED_EXTRA_BITS = 0.9
 
 
 class TPCAECodec(TimeGroupCodec):
@@ -38,8 +46,9 @@ class TPCAECodec(TimeGroupCodec):
     round up only ``deadzone`` steps past the half (fewer bits for values at a threshold, so the rate control
     affords a finer step); with centroid decoding, 13% less error at the same bytes on Whisper tiny.en
     (docs/results.md). Levels are int16: with one step for all, the few largest coefficients (Whisper's outlier
-    dimensions) need levels in the hundreds. No torch decoder yet (compressed residency holds it as float16):
-    a bit-exact one would split the levels into bytes, each product with the int8 basis exact in float32.
+    dimensions) need levels in the hundreds. ``exact`` (the default; caches written before 2026-12-08 lack it):
+    the offsets lie on a 1/128-step grid and the levels' product with the basis is summed in exact integer
+    blocks (``exact_residual``), so the torch decoder (compressed residency) equals this one bit for bit.
     """
 
     name = "tpcae"
@@ -50,21 +59,27 @@ class TPCAECodec(TimeGroupCodec):
     needs_starts = True
     rel_error = 0.12
     bits_range = (0.25, 7.0)
+    packed_residency = True
     # caches written before 2026-12-07 round to the nearest level and decode it at the bin's centre
-    legacy_params = {"deadzone": 0.0, "centroids": False}
+    # and from then until 2026-12-08 multiply the levels with the basis in BLAS's order
+    legacy_params = {"deadzone": 0.0, "centroids": False, "exact": False}
 
     def __init__(self, level: int = ZSTD_LEVEL, bits: float = 2.0, group: int = 8, deadzone: float = 0.1,
-                 centroids: bool = True) -> None:
+                 centroids: bool = True, exact: bool = True) -> None:
         require_entropy_coder()  # before any work: a writer or reader without it fails at once, saying why
         super().__init__(level, bits, group)
         if not 0 <= float(deadzone) < 0.5:
             raise ValueError(f"{self.name} deadzone must be in 0..0.5 (a fraction of the step), got {deadzone}")
-        self.deadzone, self.centroids = float(deadzone), bool(centroids)
+        self.deadzone, self.centroids, self.exact = float(deadzone), bool(centroids), bool(exact)
         self.fit_suffixes = (*type(self).fit_suffixes, *(("pbias",) if self.centroids else ()))
 
     @property
     def params(self) -> dict[str, Any]:
-        return {**super().params, "deadzone": self.deadzone, "centroids": self.centroids}
+        return {**super().params, "deadzone": self.deadzone, "centroids": self.centroids, "exact": self.exact}
+
+    @property
+    def torch_decodable(self) -> bool:  # type: ignore[override]
+        return self.exact
 
     def levels(self, u: np.ndarray, step: float | np.ndarray) -> np.ndarray:
         """Integer levels (float) of ``u`` / ``step``: rounded, with |u| / step rounded up only from
@@ -81,7 +96,9 @@ class TPCAECodec(TimeGroupCodec):
         return [LaplaceANSCodec()]
 
     def frame_nbytes(self, dim: int) -> float:
-        return 2.0 * dim + 2.0  # levels and scale as decoded from the entropy coder
+        # what compressed residency holds: the levels bit-packed (an estimate; the loader reports the real
+        # size), and the scale
+        return dim * min(16.0, self.bits + PACKED_EXTRA_BITS) / 8 + 2.0
 
     # -- fit --
 
@@ -119,7 +136,7 @@ class TPCAECodec(TimeGroupCodec):
             nonzero = level != 0
             gap = np.where(nonzero, np.abs(level) - np.abs(u) / step, 0).sum(axis=0, dtype=np.float64)
             out[rows] = np.clip(gap / np.maximum(nonzero.sum(axis=0), 1), 0, _MAX_CENTROID)
-        return out
+        return np.round(out * BIAS_GRID) / BIAS_GRID if self.exact else out
 
     def _deal(self, grouped: np.ndarray, singles: np.ndarray, dim: int) -> np.ndarray:
         """(group + 1, D) int32: the coefficient (k * D + component; singles: the component) in each column of
@@ -206,32 +223,61 @@ class TPCAECodec(TimeGroupCodec):
         levels, scale = np.asarray(stored[MAIN][a:z]), np.asarray(stored["pscale"][a:z])
         if len(first):
             idx = first[:, None] + np.arange(self.group)
-            out[idx] = tpcae_decode_groups(levels[idx], scale[first], fit, self._time)
+            out[idx] = tpcae_decode_groups(levels[idx], scale[first], fit, self._time, exact=self.exact)
         if len(singles):
             out[singles] = tpcae_decode_groups(levels[singles][:, None], scale[singles], fit, self._time,
-                                               singles=True)[:, 0]
+                                               singles=True, exact=self.exact)[:, 0]
 
 
 def tpcae_decode_groups(levels: np.ndarray, scale: np.ndarray, fit: dict[str, np.ndarray], time: np.ndarray,
-                        singles: bool = False) -> np.ndarray:
+                        singles: bool = False, exact: bool = False) -> np.ndarray:
     """(n, rows, D) int16 levels of n groups of ``rows`` frames (``singles``: n single frames, rows = 1) and
-    their (n,) float16 scales -> (n, rows, D) float32 frames."""
+    their (n,) float16 scales -> (n, rows, D) float32 frames. The torch decoder (hff_cache/batches/
+    device_decode.py) repeats the ``exact`` operations."""
     n, rows, dim = levels.shape
     deal = np.asarray(fit["pdeal"])
     coded = np.zeros((n, rows * dim), np.float32)
     coded[:, deal[-1:] if singles else deal[:rows]] = levels  # each column back to its coefficient
+    bias = None
     if "pbias" in fit:  # nonzero levels decode at their bin's centroid
-        bias = np.asarray(fit["pbias"])
-        coded -= np.sign(coded) * (bias[-1] if singles else bias[:rows].ravel())
+        bias = np.asarray(fit["pbias"])[-1] if singles else np.asarray(fit["pbias"])[:rows].ravel()
+        if exact:
+            bias = np.sign(coded) * np.round(bias * BIAS_GRID)  # integers: the offsets in 1/128 steps
+        else:
+            coded -= np.sign(coded) * bias
     step = scale.astype(np.float32) * np.float32(fit["pstep"][0])
     basis = fit["pbasis"].astype(np.float32)
     parts = []
     for k in range(rows):
-        y = coded[:, k * dim:(k + 1) * dim] @ basis
+        cols = slice(k * dim, (k + 1) * dim)
+        if exact:
+            y = exact_residual(coded[:, cols], None if bias is None else bias[:, cols], basis)
+        else:
+            y = coded[:, cols] @ basis
         y *= fit["pgain"]
         y *= step[:, None]
         parts.append(y)
     return inverse_dct(parts, time if not singles else np.ones((1, 1), np.float32), fit["pmean"])
+
+
+def exact_residual(levels: Matrix, offsets: Matrix | None, basis: Matrix) -> Matrix:
+    """``(levels - offsets / 128) @ basis`` for float32 integers (|levels| <= 32767, |offsets| <= 64, the basis
+    int8), every partial product an exact integer in float32 and the parts added in a fixed order: the same
+    numbers from numpy and torch (CPU or GPU, any BLAS) alike. ``levels = 128 * hi + lo``; the hi product only
+    over the columns some hi is nonzero in (the few outlier coefficients)."""
+    hi = (levels + 64) // BIAS_GRID
+    lo = levels - hi * BIAS_GRID
+    out = exact_product(lo, basis)
+    cols = hi.any(0).nonzero()[0] if isinstance(hi, np.ndarray) else hi.any(0).nonzero()[:, 0]
+    if len(cols):
+        top = exact_product(hi[:, cols], basis[cols], block=_HI_BLOCK)
+        top *= BIAS_GRID
+        out += top
+    if offsets is not None:
+        below = exact_product(offsets, basis)
+        below *= 1 / BIAS_GRID
+        out -= below
+    return out
 
 
 def _rms16(u: np.ndarray) -> np.ndarray:

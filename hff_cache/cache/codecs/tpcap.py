@@ -181,12 +181,13 @@ def _quantise_input(below: np.ndarray, pqin: np.ndarray) -> np.ndarray:
     return np.clip(q, -_INT8, _INT8, out=q)
 
 
-def exact_product(q: Matrix, w: Matrix) -> Matrix:
-    """``q @ w`` of float32 integers (|q|, |w| <= 127) in blocks of ``EXACT_BLOCK`` input dimensions, each block
-    exact, added in block order. numpy arrays or torch tensors alike (the torch decoder calls it too)."""
-    out = q[:, :EXACT_BLOCK] @ w[:EXACT_BLOCK]
-    for lo in range(EXACT_BLOCK, q.shape[1], EXACT_BLOCK):
-        out += q[:, lo:lo + EXACT_BLOCK] @ w[lo:lo + EXACT_BLOCK]
+def exact_product(q: Matrix, w: Matrix, block: int = EXACT_BLOCK) -> Matrix:
+    """``q @ w`` of float32 integers (|q|, |w| <= 127; larger |q| with a smaller ``block``) in blocks of
+    ``block`` input dimensions, each block exact, added in block order. numpy arrays or torch tensors alike
+    (the torch decoders call it too)."""
+    out = q[:, :block] @ w[:block]
+    for lo in range(block, q.shape[1], block):
+        out += q[:, lo:lo + block] @ w[lo:lo + block]
     return out
 
 

@@ -16,3 +16,7 @@ class TPCAPECodec(LinearPrediction, TPCAECodec):
     # for int8 to make exact: tpcape keeps the float32 prediction its measured rows used (docs/results.md).
     default_pred = "float32"
     legacy_params = {**LinearPrediction.legacy_params, **TPCAECodec.legacy_params}
+
+    @property
+    def torch_decodable(self) -> bool:  # type: ignore[override]
+        return self.pred == "int8" and self.exact  # both products exact in float32: torch equals numpy
