@@ -250,8 +250,8 @@ def test_to_and_from_s3(src: str, tmp_path: Path, s3_endpoint: str) -> None:
 
 def test_an_older_interrupted_dst_resumes_with_its_settings_spelled_out(multi: str, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    # a tpcape DST begun before deadzone/centroids/pred existed records none of them; they behaved as these
-    legacy = {"deadzone": 0.0, "centroids": False, "pred": "float32"}
+    # a tpcape DST begun before deadzone/centroids/exact/pred existed records none of them; they behaved as these
+    legacy = {"deadzone": 0.0, "centroids": False, "exact": False, "pred": "float32"}
     full = transcode_cache(multi, str(tmp_path / "full.zarr"), "tpcape", codec_params=legacy)
     dst = str(tmp_path / "old.zarr")
     with monkeypatch.context() as m:

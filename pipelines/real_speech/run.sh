@@ -42,9 +42,10 @@
 #      then K = L/2's further seeds.
 #  10  summary tables and figures (hff-cache summary) into $exp/report/.
 #  11  cache v2 (issue 14): `hierarchical` on the 1-hour subset from fp16, then from train and valid
-#      transcoded to tpcape, tpcap and tpca (all 0.25 B/value), with the same seeds (seed 0's fp16 row is stage
-#      7's), so each codec row is paired with an fp16 row of the same seed and utterances. --codecs picks
-#      which of the three; `--seeds "2" --codecs tpcape` adds one more pair to a finished stage (the stage's
+#      transcoded to tpcape, tpcape-int8 (its int8 prediction), tpcap and tpca (all 0.25 B/value), with the
+#      same seeds (seed 0's fp16 row is stage 7's), so each codec row is paired with an fp16 row of the same
+#      seed and utterances. --codecs picks which of them; `--seeds "2" --codecs tpcape` adds one more pair to
+#      a finished stage (the stage's
 #      marker is written only when it ran every codec).
 set -euo pipefail
 
@@ -63,7 +64,7 @@ online_data=1h                  # stage 7 trains on: 1h (an evenly spaced hour o
 all_methods="hff-adapters full hff-frozen adapters bitfit"  # the paper's headline pair first
 online_methods="$all_methods"
 subset_utts=720                 # about 1 hour of the training data
-all_codecs="tpcape tpcap tpca"
+all_codecs="tpcape tpcape-int8 tpcap tpca"
 codecs="$all_codecs"            # stage 11: the 0.25 B/value codecs paired with fp16
 threads=0          # torch threads for training and extraction (0: torch's default)
 jobs=1             # training runs at once within a stage (a GPU host: several; see gpu.sh)
@@ -275,14 +276,19 @@ for enc in $encoders; do
         "${sub[@]}" --seed "$seed"
     done
     # tpcape: entropy-coded levels of what the layer below does not predict (since 2026-12-07 with a
-    # deadzone, centroid decoding and groups of 8 frames: a cache of the older tpcape is refused as "other
-    # settings", so move it aside first); tpcap: the same with tpca's fixed-width codes (its int8 prediction
-    # since 2026-12-07, resident as codes); tpca: neither. All three at 0.25 B/value or less on disk:
+    # deadzone, centroid decoding and groups of 8 frames, since 2026-12-08 decoded exactly: a cache of an
+    # older tpcape is refused as "other settings", so move it aside first); tpcape-int8: the same with the
+    # int8 prediction, which --in-memory holds as codes (bit-packed levels); tpcap: tpca's fixed-width codes
+    # after the int8 prediction (resident as codes); tpca: neither. All at 0.25 B/value or less on disk:
     # tpcape's rate control lands ~0.5% above its target, so it is asked for 1.96 bits (docs/results.md).
     for codec in $codecs; do
-      params=(); [ "$codec" = tpcape ] && params=(--codec-param bits=1.96)
+      case "$codec" in
+        tpcape) params=(--codec tpcape --codec-param bits=1.96 --codec-param pred=float32) ;;
+        tpcape-int8) params=(--codec tpcape --codec-param bits=1.96 --codec-param pred=int8) ;;
+        *) params=(--codec "$codec") ;;
+      esac
       for split in train valid; do
-        hff-cache transcode "$c/$split.zarr" "$c/$split-$codec.zarr" --codec "$codec" "${params[@]}" --no-progress
+        hff-cache transcode "$c/$split.zarr" "$c/$split-$codec.zarr" "${params[@]}" --no-progress
       done
       for seed in $seeds; do
         train "$enc/subset_${codec}_asr_hierarchical-s$seed" --cache "$c/train-$codec.zarr" \

@@ -23,8 +23,9 @@ _MAX_CENTROID = 0.5  # a nonzero level's reconstruction moves at most half a ste
 BIAS_GRID = 128
 _HI_BLOCK = 512  # 256 * 127 * 512 < 2^24: each block of the hi product is exact too
 # Bits a value that compressed residency spends above the rate (bit planes per column, and outliers stored
-# apart; hff_cache/batches/packed_levels.py), measured on Whisper tiny.en at 1.96 bits: an estimate for planning
-PACKED_EXTRA_BITS = 0.9
+# apart; hff_cache/batches/packed_levels.py): 1.23 measured on Whisper tiny.en at 1.96 bits. An estimate for
+# --in-memory auto's planning; the loader reports the real size.
+PACKED_EXTRA_BITS = 1.2
 
 
 class TPCAECodec(TimeGroupCodec):

@@ -12,9 +12,9 @@ class TPCAPECodec(LinearPrediction, TPCAECodec):
     of tpcap at about 2.5 bits (docs/results.md)."""
 
     name = "tpcape"  # fit_suffixes: tpcae's, and the prediction's (LinearPrediction.__init__)
-    # The entropy-coded levels decode on the CPU (ANS) whatever the prediction, so there is no torch decoder
-    # for int8 to make exact: tpcape keeps the float32 prediction its measured rows used (docs/results.md).
-    default_pred = "float32"
+    # The int8 prediction (tpcap's default; since 2026-12-08 tpcape's): with the exact residual decoder it has a
+    # torch twin, so --in-memory holds the levels bit-packed (4.9x float16's hours per GiB) for +1.7% LN error
+    # against the float32 prediction on Whisper tiny.en (docs/results.md). Caches of 2026-12-07 record float32.
     legacy_params = {**LinearPrediction.legacy_params, **TPCAECodec.legacy_params}
 
     @property
