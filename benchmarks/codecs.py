@@ -143,12 +143,10 @@ def measure(codec: str, ref_valid: CacheReader, va: str, idx: list[int]) -> dict
 def resident_hours_per_gib(reader: CacheReader) -> float:
     """Hours of audio a GiB of RAM holds under ``--in-memory``, measured: every utterance of ``reader`` loaded
     as training would (the stored codes, bit-packed levels or decoded float16), all layers."""
-    from types import SimpleNamespace
-
     from hff_cache.batches.from_cache import CacheBatches
+    from hff_cache.testing import unlabelled
 
-    every = SimpleNamespace(indices=list(range(len(reader))), ids=list(reader.ids), targets=[0] * len(reader))
-    src = CacheBatches(reader, every, ctc=False, in_memory=True)
+    src = CacheBatches(reader, unlabelled(reader), ctc=False, in_memory=True)
     src.load()
     return src.num_frames / reader.meta.encoder.frame_rate / 3600 / (src.resident_nbytes / 2**30)
 

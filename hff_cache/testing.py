@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -99,6 +101,12 @@ def as_older_cache(url: str | Path, drop: tuple[str, ...] = (), drop_codec_param
     codec = record["codec"]
     record["codec"] = {**codec, "params": {k: v for k, v in codec["params"].items() if k not in drop_codec_params}}
     root.attrs[ROOT_KEY] = record
+
+
+def unlabelled(reader: Any) -> SimpleNamespace:
+    """TaskData-like for a ``CacheReader``: every utterance, class 0 (what ``CacheBatches`` reads: ids, indices,
+    targets), to load or stream a whole cache without a task."""
+    return SimpleNamespace(indices=list(range(len(reader))), ids=list(reader.ids), targets=[0] * len(reader))
 
 
 @dataclass

@@ -9,7 +9,6 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,7 @@ from hff_cache.cache.codecs.tpcap import exact_product
 from hff_cache.cache.format import array_checksum
 from hff_cache.cache.reader import decode_codes
 from hff_cache.tasks.task import Task
-from hff_cache.testing import as_older_cache, tiny_cache
+from hff_cache.testing import as_older_cache, tiny_cache, unlabelled
 
 D = 64
 LAYERS = [0, 1, 2]
@@ -211,15 +210,10 @@ def test_torch_decoding_is_exact_under_autocast_and_fast_matmul(caches: dict[str
     assert torch.equal(got, torch.from_numpy(want))
 
 
-def _unlabelled(reader: CacheReader) -> SimpleNamespace:
-    """TaskData-like: every utterance, class 0 (the loader reads ids, indices and targets only)."""
-    return SimpleNamespace(indices=list(range(len(reader))), ids=list(reader.ids), targets=[0] * len(reader))
-
-
 def test_fp16_has_no_torch_decoder_and_stays_float16_in_ram(caches: dict[str, str]) -> None:
     assert "fp16" not in device_decode.DECODERS  # its codes are float16 already
     r = CacheReader(caches["fp16"])
-    src = CacheBatches(r, _unlabelled(r), ctc=False, in_memory=True)
+    src = CacheBatches(r, unlabelled(r), ctc=False, in_memory=True)
     assert src.resident == "fp16" and src.resident_nbytes == src.nbytes_fp16
 
 
@@ -320,15 +314,15 @@ def test_v1_cache_reads_as_codes_resides_and_transcodes_to_tpca(tmp_path: Path) 
     for j, codes in enumerate(old.read_codes(range(len(old)))):
         assert codes.rows[MAIN].dtype == np.float16 and not codes.groups[0]
         np.testing.assert_array_equal(decode_codes(old.codec, codes), np.concatenate([f[:, j] for f in feats]))
-    data = _unlabelled(old)
+    data = unlabelled(old)
     batches = list(CacheBatches(old, data, ctc=False, in_memory=True).epoch(0))
     assert sum(len(b) for b in batches) == len(old)
     summary = transcode_cache(str(tmp_path / "v1"), str(tmp_path / "tpca.zarr"), "tpca")
     assert summary["ok"], summary["problems"]
     assert verify_cache(summary["dst"]).ok
     new = CacheReader(summary["dst"])
-    a = list(CacheBatches(new, _unlabelled(new), ctc=False, in_memory=True).epoch(0))
-    b = list(CacheBatches(new, _unlabelled(new), ctc=False, in_memory=True, resident="fp16").epoch(0))
+    a = list(CacheBatches(new, unlabelled(new), ctc=False, in_memory=True).epoch(0))
+    b = list(CacheBatches(new, unlabelled(new), ctc=False, in_memory=True, resident="fp16").epoch(0))
     assert all(torch.equal(x.feats, y.feats) for x, y in zip(a, b, strict=True))
 
 
@@ -585,7 +579,7 @@ def test_a_tpcap_cache_from_before_pred_reads_with_its_float32_prediction(tmp_pa
     for a, b in zip(r.read_many(range(6)), want, strict=True):
         np.testing.assert_array_equal(a, b)
     assert verify_cache(str(tmp_path / "old")).ok
-    data = _unlabelled(r)
+    data = unlabelled(r)
     src = CacheBatches(r, data, ctc=False, in_memory=True)
     assert src.resident == "fp16"  # no torch decoder for the float32 prediction: decoded float16 in RAM
     assert recorded_codec("tpcap", {}).pred == "float32" and get_codec("tpcap").pred == "int8"
@@ -609,7 +603,7 @@ def test_an_entropy_coded_cache_from_before_a_param_reads_as_it_was_written(tmp_
     for a, b in zip(r.read_many(range(6)), want, strict=True):
         np.testing.assert_array_equal(a, b)
     assert verify_cache(str(tmp_path / "old")).ok
-    assert CacheBatches(r, _unlabelled(r), ctc=False, in_memory=True).resident == "fp16"  # no exact torch twin
+    assert CacheBatches(r, unlabelled(r), ctc=False, in_memory=True).resident == "fp16"  # no exact torch twin
     today = get_codec(name)
     assert today.deadzone > 0 and today.centroids and today.exact and "pbias" in today.fit_suffixes
 

@@ -392,9 +392,8 @@ class _ResidentLayer:
     def allocate(cls, sample: StoredCodes, frames: int, positions: int, packed: bool = False) -> _ResidentLayer:
         """Empty arrays for ``frames`` rows shaped like ``sample``'s; ``packed``: the levels bit-packed (filled
         with ``sample``'s block first, which chooses the widths)."""
-        rows: dict[str, Any] = {n: np.empty((frames, *a.shape[1:]), dtype=a.dtype) for n, a in sample.rows.items()}
-        if packed:
-            rows[MAIN] = PackedLevels(frames, sample.rows[MAIN].shape[1])
+        rows: dict[str, Any] = {n: PackedLevels(frames, a.shape[1]) if packed and n == MAIN
+                                else np.empty((frames, *a.shape[1:]), dtype=a.dtype) for n, a in sample.rows.items()}
         return cls(rows, positions)
 
     def add_groups(self, block: np.ndarray, codes: StoredCodes) -> None:

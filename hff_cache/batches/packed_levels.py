@@ -26,7 +26,6 @@ class PackedLevels:
 
     def __init__(self, frames: int, dim: int) -> None:
         self.shape = (int(frames), int(dim))
-        self.dtype = np.dtype("<i2")
         self.widths: np.ndarray | None = None
         self._planes: list[tuple[int, np.ndarray, int, int]] = []  # per bit plane: bit, columns, byte offset, bytes
         self._data: np.ndarray | None = None
@@ -110,8 +109,8 @@ def choose_widths(zig: np.ndarray) -> np.ndarray:
     length = np.zeros(zig.shape, np.int64)  # bit length of every value: 0 for 0
     for b in range(_MAX_BITS):
         length += zig >= (1 << b)
-    counts = np.zeros((dim, _MAX_BITS + 2), np.int64)
-    np.add.at(counts, (np.broadcast_to(np.arange(dim), zig.shape), length), 1)
+    counts = np.bincount((np.arange(dim) * (_MAX_BITS + 2) + length).ravel(),
+                         minlength=dim * (_MAX_BITS + 2)).reshape(dim, _MAX_BITS + 2)
     above = counts[:, ::-1].cumsum(axis=1)[:, ::-1]  # above[:, w] = values of bit length >= w
     cost = n * np.arange(_MAX_BITS + 1)[None] + _OUTLIER_BITS * above[:, 1:]  # width w: above[:, w + 1] outliers
     return np.argmin(cost, axis=1).astype(np.int64)

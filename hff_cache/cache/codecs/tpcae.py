@@ -239,11 +239,11 @@ def tpcae_decode_groups(levels: np.ndarray, scale: np.ndarray, fit: dict[str, np
     deal = np.asarray(fit["pdeal"])
     coded = np.zeros((n, rows * dim), np.float32)
     coded[:, deal[-1:] if singles else deal[:rows]] = levels  # each column back to its coefficient
-    bias = None
+    offsets = None
     if "pbias" in fit:  # nonzero levels decode at their bin's centroid
         bias = np.asarray(fit["pbias"])[-1] if singles else np.asarray(fit["pbias"])[:rows].ravel()
         if exact:
-            bias = np.sign(coded) * np.round(bias * BIAS_GRID)  # integers: the offsets in 1/128 steps
+            offsets = np.sign(coded) * np.round(bias * BIAS_GRID)  # integers: the offsets in 1/128 steps
         else:
             coded -= np.sign(coded) * bias
     step = scale.astype(np.float32) * np.float32(fit["pstep"][0])
@@ -252,7 +252,7 @@ def tpcae_decode_groups(levels: np.ndarray, scale: np.ndarray, fit: dict[str, np
     for k in range(rows):
         cols = slice(k * dim, (k + 1) * dim)
         if exact:
-            y = exact_residual(coded[:, cols], None if bias is None else bias[:, cols], basis)
+            y = exact_residual(coded[:, cols], None if offsets is None else offsets[:, cols], basis)
         else:
             y = coded[:, cols] @ basis
         y *= fit["pgain"]
