@@ -54,6 +54,15 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *,
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def _auto_or_bool(what: str, value: bool | str) -> bool | str:
+    if not isinstance(value, str):
+        return bool(value)
+    low = value.strip().lower()
+    if low != "auto" and low not in _BOOL_WORDS:
+        raise ValueError(f"{what} must be true, false or auto, not {value!r}")
+    return _BOOL_WORDS.get(low, "auto")
+
+
 def _one_of(what: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{what} must be one of {', '.join(choices)}, not {value!r}")
@@ -165,6 +174,9 @@ class TrainConfig:
     shuffle_frames: int = setting(100_000, "Frames pooled (then length-sorted) per shuffle window")
     num_workers: int = setting(2, "Decode threads when streaming")
     prefetch: int = setting(4, "Batches decoded ahead")
+    loader_thread: bool | str = setting("auto", "auto | true | false: decode batches in a thread beside the "
+                                                "training step (auto: only where the step leaves a core free: "
+                                                "on a GPU, or --threads below the usable CPUs)")
     device: str = setting("auto", "auto | cpu | cuda")
     threads: int = setting(0, "torch intra-op threads (0: the CPUs this process may use: affinity and cgroup "
                               "quota); 1 can be far faster on a CPU other jobs share (docs/cli.md)")
@@ -195,18 +207,15 @@ class TrainConfig:
                                        "RUN/tensorboard/ (needs the tensorboard extra)")
 
     # Fields that may differ between the run on disk and a --resume of it.
-    RUNTIME_FIELDS = ("out", "epochs", "in_memory", "num_workers", "prefetch", "device", "threads",
+    RUNTIME_FIELDS = ("out", "epochs", "in_memory", "num_workers", "prefetch", "loader_thread", "device", "threads",
                       "eval_every", "resume", "force", "cache", "valid_cache", "grad_checkpointing",
                       "storage_options", "tensorboard")
 
     def __post_init__(self) -> None:
         if isinstance(self.fusion, Mapping):
             self.fusion = FusionConfig(**_checked(self.fusion, FusionConfig, "the fusion config"))
-        if isinstance(self.in_memory, str):
-            low = self.in_memory.strip().lower()
-            if low != "auto" and low not in _BOOL_WORDS:
-                raise ValueError(f"in_memory must be true, false or auto, not {self.in_memory!r}")
-            self.in_memory = _BOOL_WORDS.get(low, "auto")
+        self.in_memory = _auto_or_bool("in_memory", self.in_memory)
+        self.loader_thread = _auto_or_bool("loader_thread", self.loader_thread)
         check_task_name(self.task)
         parse_units(self.units)
         if self.units != "char" and self.task != "asr":

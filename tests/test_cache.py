@@ -197,6 +197,14 @@ def test_read_many_equals_read_and_layer_subset(tmp_path):
         full = r.read(r.ids[i])
         np.testing.assert_array_equal(y, full[:, [3, 1]])
     assert r.read_many([]) == []
+    # into given arrays (the loader's rows of its padded batches): filled in place, every value written
+    outs = [np.full((int(r.lengths[i]), 2, r.meta.encoder.hidden_size), np.nan, np.float32) for i in order]
+    got = r.read_many(order, layers=[3, 1], out=outs)
+    assert all(g is o for g, o in zip(got, outs, strict=True))
+    for g, y in zip(got, many, strict=True):
+        np.testing.assert_array_equal(g, y)
+    with pytest.raises(ValueError, match="out must be one array per index"):
+        r.read_many(order, layers=[3, 1], out=outs[:-1])
     with pytest.raises(ValueError, match=r"layer\(s\) \[4\] are not stored"):
         r.read(r.ids[0], layers=[4])
 
@@ -490,6 +498,7 @@ def test_the_readers_own_chunk_decoding_returns_zarrs_values_for_every_codec(tmp
     with CacheWriter(src, tiny.meta, chunk_frames=32) as w:  # several chunks per part
         for i, x in enumerate(tiny.read_many(range(len(tiny)))):
             w.add(tiny.ids[i], x.transpose(1, 0, 2), text=tiny.texts[i])
+    pieced = []
     for name in CODECS:
         params = {"block": 16} if "block" in get_codec(name).params else {}
         dst = transcode_cache(src, str(tmp_path / f"{name}-{shard_frames}.zarr"), name, codec_params=params,
@@ -500,6 +509,20 @@ def test_the_readers_own_chunk_decoding_returns_zarrs_values_for_every_codec(tmp
         n = int(rows.shape[0])
         for sl in [slice(0, n), slice(5, 40), slice(31, 33), slice(n - 3, n), slice(7, 7), slice(0, n, 3)]:
             np.testing.assert_array_equal(rows[sl], rows.arr[sl], err_msg=f"{name} {sl}")
+        # the pieces a reader copies from without assembling them: in order, tiling the range, zarr's values
+        for lo, hi in [(0, n), (5, 40), (31, 33), (n - 3, n)] if n >= 40 else []:  # tpca's part 0: no rows
+            pieces = rows.pieces(lo, hi)
+            assert [a for a, _ in pieces] == list(np.cumsum([lo] + [len(p) for _, p in pieces[:-1]])), name
+            np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), rows.arr[lo:hi], err_msg=name)
+        assert rows.pieces(7, 7) == []
+        reader = CacheReader(dst)
+        if not reader.codec.chained and n >= 40:  # a chained codec decodes whole ranges, from the layer below
+            stored, codec = reader._stored(0, 0), reader.codec
+            decoded = list(codec.decode_pieces(stored, slice(5, 40)))
+            np.testing.assert_array_equal(np.concatenate([d for _, d in decoded]), codec.decode(stored, slice(5, 40)))
+            assert len(decoded) == (2 if codec.rowwise else 1), name  # rows 5..40 lie in two chunks of 32
+            pieced.append(name)
+    assert {"fp16", "int8", "int4", "nf4b"} <= set(pieced)
 
 
 def test_a_damaged_shard_index_is_an_error_not_wrong_values(tmp_path: Path) -> None:

@@ -68,11 +68,12 @@ def test_epoch_covers_every_utterance_once(setup, in_memory):
     assert len(src) == len(list(src.epoch(0)))
 
 
-def test_features_match_reader_and_memory_equals_streaming(setup):
+@pytest.mark.parametrize("loader_thread", [True, False])
+def test_features_match_reader_and_memory_equals_streaming(setup, loader_thread):
     reader = setup[0]
     feats = {}
     for in_memory in (False, True):
-        src = source(setup, batch_frames=300, in_memory=in_memory)
+        src = source(setup, batch_frames=300, in_memory=in_memory, loader_thread=loader_thread)
         for batch in src.epoch(3):
             for i, uid in enumerate(batch.ids):
                 n = int(batch.lengths[i])
@@ -113,18 +114,43 @@ def test_layer_subset_reads_only_those_layers(setup):
     np.testing.assert_array_equal(batch.feats[0, : int(batch.lengths[0])].numpy(), reader.read(uid, [2]))
 
 
-def test_early_stop_releases_the_producer(setup):
-    src = source(setup, batch_frames=60, prefetch=1)
+@pytest.mark.parametrize("loader_thread", [True, False])
+def test_early_stop_releases_the_producer(setup, loader_thread):
+    src = source(setup, batch_frames=60, shuffle_frames=100, block_frames=40, prefetch=1, loader_thread=loader_thread)
     it = src.epoch(0)
     next(it)
-    it.close()  # must not hang on the bounded queue
+    it.close()  # must not hang on the bounded queue, nor leave the read pool running
 
 
-def test_producer_errors_reach_the_consumer(setup, monkeypatch):
+@pytest.mark.parametrize("loader_thread", [True, False])
+def test_producer_errors_reach_the_consumer(setup, monkeypatch, loader_thread):
     reader = setup[0]
     monkeypatch.setattr(reader, "read_many", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
     with pytest.raises(OSError, match="disk gone"):
-        list(source(setup).epoch(0))
+        list(source(setup, loader_thread=loader_thread).epoch(0))
+
+
+def test_the_loader_thread_and_the_inline_loader_give_the_same_batches(setup):
+    kw = dict(batch_frames=150, shuffle_frames=80, block_frames=60, seed=2)
+    threaded = list(source(setup, loader_thread=True, **kw).epoch(1))
+    inline = list(source(setup, loader_thread=False, **kw).epoch(1))
+    assert [b.ids for b in threaded] == [b.ids for b in inline]
+    for a, b in zip(threaded, inline, strict=True):
+        assert torch.equal(a.feats, b.feats) and torch.equal(a.targets, b.targets)
+
+
+def test_auto_loads_beside_the_step_only_where_it_leaves_a_core_free(setup, monkeypatch):
+    import hff_cache.batches.from_cache as loader
+
+    src = source(setup, loader_thread="auto")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(loader, "usable_cpus", lambda: 2)
+    assert not src._in_thread()  # the step fills both cores: load between steps
+    monkeypatch.setattr(loader, "usable_cpus", lambda: 8)
+    assert src._in_thread()
+    monkeypatch.setattr(loader, "usable_cpus", lambda: 2)
+    src.device = torch.device("cuda")  # the step runs on a GPU: the cores are the loader's
+    assert src._in_thread()
 
 
 def test_collate_targets():

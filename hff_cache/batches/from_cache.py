@@ -5,11 +5,14 @@ consecutive utterances (about ``block_frames`` frames, a few Zarr chunks). An ep
 pools blocks into windows of about ``shuffle_frames`` frames, sorts each window by length and cuts it into
 batches of at most ``batch_frames`` padded frames, then shuffles the batch order. Every block is fetched
 with one ``CacheReader.read_many`` call (one contiguous range per layer), so each compressed chunk is
-decoded once per epoch -- never one random utterance per chunk decode. A producer thread decodes the
-next window with ``num_workers`` threads while the model trains on the current one; a bounded queue of
-``prefetch`` batches limits memory. Windows are decoded to float16 and capped at ``WINDOW_BYTES``.
+decoded once per epoch -- never one random utterance per chunk decode -- and its rows are copied once, straight
+into the window's padded batches. ``num_workers`` threads read a window's blocks. Where the training step
+leaves a core free (``loader_thread``: a GPU, or fewer torch threads than CPUs), a producer thread reads the
+next window while the model trains on the current one, and a bounded queue of ``prefetch`` batches limits
+memory; where the step's threads fill every core, the windows are read between steps instead (a thread beside
+an OpenMP team that fills the cores stalls it). Windows are float16 and capped at ``WINDOW_BYTES``.
 
-``in_memory`` loads every labelled frame once and then only gathers batches from RAM. It holds the stored
+``in_memory`` loads every labelled frame once and then only copies batches from RAM. It holds the stored
 codes (compressed residency: int8, packed 4-bit, tpca's codes, with their scales; the entropy-coded codecs'
 levels bit-packed, ``PackedLevels``) when the codec has a torch decoder (``device_decode.DECODERS``): the
 producer gathers a batch's codes with numpy, the consumer decodes them with torch on ``device`` (where the
@@ -40,6 +43,7 @@ from hff_cache.config import TrainConfig
 from hff_cache.model.batch import Batch
 from hff_cache.runtime.distributed import balanced_assignment
 from hff_cache.runtime.planning import plan_batches
+from hff_cache.runtime.threads import usable_cpus
 
 __all__ = ["CacheBatches", "hours_per_gib", "resident_frame_bytes"]
 
@@ -58,7 +62,8 @@ class CacheBatches:
                  batch_frames: int = TrainConfig.batch_frames, max_batch_utts: int = TrainConfig.max_batch_utts,
                  shuffle: bool = True, seed: int = 0, in_memory: bool | str = TrainConfig.in_memory,
                  shuffle_frames: int = TrainConfig.shuffle_frames, block_frames: int = 8192,
-                 num_workers: int = TrainConfig.num_workers, prefetch: int = TrainConfig.prefetch, rank: int = 0,
+                 num_workers: int = TrainConfig.num_workers, prefetch: int = TrainConfig.prefetch,
+                 loader_thread: bool | str = TrainConfig.loader_thread, rank: int = 0,
                  world_size: int = 1, local_world_size: int = 1, resident: str = "codes",
                  device: torch.device | str | None = None) -> None:
         self.reader = reader
@@ -71,6 +76,7 @@ class CacheBatches:
         self.shuffle, self.seed = shuffle, int(seed)
         self.shuffle_frames = int(shuffle_frames)
         self.num_workers, self.prefetch = max(1, int(num_workers)), max(1, int(prefetch))
+        self.loader_thread = loader_thread
         self.indices = np.asarray(data.indices, dtype=np.int64)
         self.lengths = np.asarray(reader.lengths, dtype=np.int64)[self.indices]
         # Decoded windows are float16 and at most WINDOW_BYTES, whatever ``shuffle_frames`` says: wide
@@ -163,8 +169,8 @@ class CacheBatches:
 
     # -- reading --
 
-    def _read_block(self, block: np.ndarray) -> list[np.ndarray]:
-        return self.reader.read_many(self.indices[block].tolist(), self.layers, dtype=np.float16)
+    def _read_block(self, block: np.ndarray, out: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        return self.reader.read_many(self.indices[block].tolist(), self.layers, dtype=np.float16, out=out)
 
     def _own_offsets(self) -> np.ndarray:
         """Rows of every position in RAM; positions outside this source's blocks (another rank's share) get
@@ -187,8 +193,7 @@ class CacheBatches:
         mem = np.empty((int(offsets[-1]), self.num_layers, self.hidden_size), dtype=np.float16)
 
         def fill(block: np.ndarray) -> None:
-            for p, arr in zip(block.tolist(), self._read_block(block), strict=True):
-                mem[offsets[p]: offsets[p + 1]] = arr
+            self._read_block(block, [mem[offsets[p]: offsets[p + 1]] for p in block.tolist()])
 
         with ThreadPoolExecutor(self.num_workers) as pool:
             list(pool.map(fill, self.blocks))
@@ -236,18 +241,25 @@ class CacheBatches:
         chain = stored[:max(stored.index(k) for k in asked) + 1] if asked else []
         return chain, [[j for j, k in enumerate(asked) if k == s] for s in chain]
 
-    def _collate(self, batch: list[int], feats: dict[int, Any]) -> Batch:
-        lens = [int(self.lengths[p]) for p in batch]
+    def _padded(self, batch: list[int]) -> np.ndarray:
         # float16 like the cache (the model's first op casts per layer; half the bytes to copy and move).
         # numpy, not torch: a torch op in this thread would start a second OpenMP team beside the training
         # step's: on 2 cores an epoch from RAM took 2.08x the steps alone with torch here, 0.88x with numpy
         # (benchmarks/training_cost.py, docs/results.md).
-        x = np.zeros((len(batch), max(lens), self.num_layers, self.hidden_size), dtype=np.float16)
-        for i, p in enumerate(batch):
-            f = feats[p]
-            x[i, : lens[i]] = f
+        t = max(int(self.lengths[p]) for p in batch)
+        return np.zeros((len(batch), t, self.num_layers, self.hidden_size), dtype=np.float16)
+
+    def _copy_block(self, block: np.ndarray, out: list[np.ndarray]) -> None:
+        """A block's features copied from the float16 held in RAM into ``out`` (as ``_read_block`` reads them)."""
+        mem, off = self._mem, self._mem_offsets
+        assert mem is not None and off is not None
+        for p, dest in zip(block.tolist(), out, strict=True):
+            dest[...] = mem[off[p]: off[p + 1]]
+
+    def _collate(self, batch: list[int], x: np.ndarray) -> Batch:
         targets, target_lengths = collate_targets([self.data.targets[p] for p in batch], self.ctc)
-        return Batch(ids=[self.data.ids[p] for p in batch], lengths=torch.tensor(lens, dtype=torch.long),
+        return Batch(ids=[self.data.ids[p] for p in batch],
+                     lengths=torch.tensor([int(self.lengths[p]) for p in batch], dtype=torch.long),
                      targets=targets, target_lengths=target_lengths, feats=torch.from_numpy(x))
 
     def _collate_codes(self, batch: list[int]) -> _CodesBatch:
@@ -281,18 +293,43 @@ class CacheBatches:
         return Batch(ids=item.ids, lengths=torch.from_numpy(item.lengths), targets=item.targets,
                      target_lengths=item.target_lengths, feats=x)
 
-    def _window_feats(self, blocks: list[np.ndarray], pool: ThreadPoolExecutor | None) -> Any:
-        """Future-like: .result() -> {position: (T, L, D) float16 array or view}."""
-        if self.in_memory and self._codes is not None:
-            return _Done({})  # compressed residency gathers per batch (_collate_codes)
-        if self.in_memory:
-            mem, off = self._mem, self._mem_offsets
-            assert mem is not None and off is not None
-            views = {p: mem[off[p]: off[p + 1]] for b in blocks for p in b.tolist()}
-            return _Done(views)
+    def _window(self, batches: list[list[int]], blocks: list[np.ndarray], pool: ThreadPoolExecutor | None) -> Any:
+        """Future-like: .result() -> per batch, its padded features, every frame copied once, straight into them:
+        read from the cache (streamed) or copied from RAM, a block per task of ``num_workers`` threads; or None
+        per batch under compressed residency (``_item`` gathers and decodes the codes per batch)."""
+        if self._codes is not None:
+            return _Done([None] * len(batches))
         assert pool is not None
-        futures = [(b, pool.submit(self._read_block, b)) for b in blocks]
-        return _Gather(futures)
+        xs = [self._padded(b) for b in batches]
+        rows = {p: x[i, : int(self.lengths[p])] for x, b in zip(xs, batches, strict=True) for i, p in enumerate(b)}
+        fill = self._copy_block if self.in_memory else self._read_block
+        futures = [pool.submit(fill, b, [rows[p] for p in b.tolist()]) for b in blocks]
+        return _Gather(futures, xs)
+
+    def _item(self, batch: list[int], x: np.ndarray | None) -> Batch | _CodesBatch:
+        return self._collate_codes(batch) if x is None else self._collate(batch, x)
+
+    def _items(self, epoch: int, ahead: bool) -> Iterator[Batch | _CodesBatch]:
+        """The items of ``epoch`` in order. ``ahead``: the next window's reads start before this window's
+        batches are handed out (in the pool's threads, beside the training step)."""
+        pool = None if self._codes is not None else ThreadPoolExecutor(self.num_workers)
+        try:
+            windows = [(batches, blocks) for blocks, batches in self.plan(epoch)]
+            pending = self._window(*windows[0], pool) if windows else None
+            for w, (batches, _) in enumerate(windows):
+                xs = pending.result()
+                nxt = windows[w + 1] if w + 1 < len(windows) else None
+                pending = self._window(*nxt, pool) if nxt and ahead else None
+                for k, batch in enumerate(batches):
+                    item = self._item(batch, xs[k])
+                    xs[k] = None  # handed out: this window shrinks while the next one fills
+                    yield item
+                del xs
+                if nxt and not ahead:
+                    pending = self._window(*nxt, pool)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _produce(self, epoch: int, out: queue.Queue, stop: threading.Event) -> None:
         def put(item: Any) -> bool:
@@ -305,32 +342,32 @@ class CacheBatches:
             return False
 
         try:
-            pool = None if self.in_memory else ThreadPoolExecutor(self.num_workers)
-            try:
-                windows = self.plan(epoch)
-                pending = self._window_feats(windows[0][0], pool) if windows else None
-                for w, (_, batches) in enumerate(windows):
-                    feats = pending.result()
-                    # start decoding the next window before handing this one out
-                    pending = self._window_feats(windows[w + 1][0], pool) if w + 1 < len(windows) else None
-                    for batch in batches:
-                        item = self._collate_codes(batch) if self._codes is not None else self._collate(batch, feats)
-                        for p in batch:  # collated: free it, so this window shrinks while the next one fills
-                            feats.pop(p, None)
-                        if not put(item):
-                            return
-                    del feats
-            finally:
-                if pool is not None:
-                    pool.shutdown(wait=True, cancel_futures=True)
+            items = self._items(epoch, ahead=True)
+            for item in items:
+                if not put(item):
+                    items.close()  # the consumer stopped: shut the pool down now
+                    return
             put(_DONE)
         except BaseException as exc:  # hand any failure to the consumer, which re-raises it
             put(exc)
 
+    def _in_thread(self) -> bool:
+        """Decode in a thread beside the step? Only where the step leaves a core free: on 2 CPU cores that the
+        step's two torch threads fill, a loader thread beside them stalls their OpenMP team (a streamed epoch of
+        the 25 x 1024 shape: 1.31x the steps alone, 1.11x between steps; benchmarks/training_cost.py)."""
+        if self.loader_thread != "auto":
+            return bool(self.loader_thread)
+        return self.device.type != "cpu" or torch.get_num_threads() < usable_cpus()
+
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """The batches of ``epoch``, decoded ahead in a background thread."""
+        """The batches of ``epoch``: decoded ahead in a background thread, or on demand in the caller's thread
+        between training steps (``loader_thread``)."""
         if self.in_memory:
             self.load()
+        if not self._in_thread():
+            for item in self._items(epoch, ahead=False):
+                yield self._decode_batch(item) if isinstance(item, _CodesBatch) else item
+            return
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         worker = threading.Thread(target=self._produce, args=(epoch, out, stop), daemon=True,
@@ -358,14 +395,13 @@ class _Done:
 
 
 class _Gather:
-    def __init__(self, futures: list[tuple[np.ndarray, Any]]) -> None:
-        self.futures = futures
+    def __init__(self, futures: list[Any], value: Any) -> None:
+        self.futures, self.value = futures, value
 
-    def result(self) -> dict[int, np.ndarray]:
-        feats: dict[int, np.ndarray] = {}
-        for block, fut in self.futures:
-            feats.update(zip(block.tolist(), fut.result(), strict=True))
-        return feats
+    def result(self) -> Any:
+        for fut in self.futures:
+            fut.result()  # re-raises a read's failure
+        return self.value
 
 
 class _CodesBatch:

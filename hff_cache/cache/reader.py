@@ -319,9 +319,11 @@ class CacheReader:
         return self.read_many([self.index_of(utt_id)], layers)[0]
 
     def read_many(self, indices: Sequence[int], layers: Sequence[int] | None = None,
-                  dtype: Any = np.float32) -> list[np.ndarray]:
+                  dtype: Any = np.float32, out: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         """Features of many utterances by global index, in the order asked, as ``dtype`` arrays (T, L, D)
         (float16 halves the memory and, for fp16 caches, skips every conversion: the training loader's).
+        ``out``: arrays (T, L, D) to fill instead, one per index (the loader's rows of its padded batches, so
+        the decoded rows are copied once, straight to where the model reads them).
 
         Per part, nearby utterances are merged into one contiguous frame range per layer (utterances
         closer than a chunk always merge), so every chunk is fetched and decompressed at most once.
@@ -329,33 +331,40 @@ class CacheReader:
         positions = self._layer_positions(layers)
         D = self.meta.encoder.hidden_size
         idx = self._checked(indices)
-        out: list[np.ndarray] = [
-            np.empty((int(self.lengths[i]), len(positions), D), dtype=dtype) for i in idx
-        ]
+        shapes = [(int(self.lengths[i]), len(positions), D) for i in idx]
+        if out is None:
+            out = [np.empty(shape, dtype=dtype) for shape in shapes]
+        elif [tuple(o.shape) for o in out] != shapes:
+            raise ValueError(f"read_many: out must be one array per index shaped {shapes[:3]}..., not "
+                             f"{[tuple(o.shape) for o in out][:3]}...")
         for part, ns in self._by_part(idx).items():
             chunk = int(self._stored(part, positions[0])[MAIN].chunks[0]) if positions else 1
             for run in self._runs(chunk, ns, idx):
-                lo = int(self._offsets[idx[run[0]]])
-                hi = max(int(self._offsets[idx[n]] + self.lengths[idx[n]]) for n in run)
-                for j, block in self._decoded(part, positions, slice(lo, hi), dtype):
-                    for n in run:
-                        o = int(self._offsets[idx[n]]) - lo
-                        out[n][:, j, :] = block[o:o + int(self.lengths[idx[n]])]
-        return out
+                starts = [int(self._offsets[idx[n]]) for n in run]
+                stops = [a + int(self.lengths[idx[n]]) for a, n in zip(starts, run, strict=True)]
+                for j, first, block in self._decoded(part, positions, slice(starts[0], max(stops)), dtype):
+                    last = first + len(block)
+                    for n, a, z in zip(run, starts, stops, strict=True):  # the overlap of utterance and piece
+                        lo, hi = max(a, first), min(z, last)
+                        if lo < hi:
+                            out[n][lo - a:hi - a, j, :] = block[lo - first:hi - first]
+        return list(out)
 
     def _decoded(self, part: int, positions: list[int], rows: slice, dtype: Any
-                 ) -> Iterator[tuple[int, np.ndarray]]:
-        """(j, rows of stored layer ``positions[j]`` decoded) for one part. A chained codec decodes from the
-        first stored layer up, each from the one below (in float32, as its encoder predicted)."""
+                 ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(j, first row, decoded rows from it) of stored layer ``positions[j]`` within ``rows``, for one part: in
+        pieces as the codec decodes them (``Codec.decode_pieces``). A chained codec decodes from the first
+        stored layer up, each from the one below (in float32, as its encoder predicted)."""
         if not self.codec.chained:
             for j, pos in enumerate(positions):
-                yield j, self.codec.decode(self._stored(part, pos), rows, dtype=dtype)
+                for first, block in self.codec.decode_pieces(self._stored(part, pos), rows, dtype=dtype):
+                    yield j, first, block
             return
         below = None
         for pos in range(max(positions, default=-1) + 1):
             below = self.codec.decode({**self._stored(part, pos), "below": below}, rows)
             for j in (j for j, p in enumerate(positions) if p == pos):
-                yield j, below.astype(dtype, copy=False)
+                yield j, int(rows.start), below.astype(dtype, copy=False)
 
     def _checked(self, indices: Sequence[int]) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64)

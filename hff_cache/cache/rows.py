@@ -69,7 +69,7 @@ def chunk_decoder(codecs: Sequence[Any], dtype: Any, chunk_shape: Sequence[int])
 
 class _Rows:
     """What both row readers share: zarr's array for anything but a non-empty contiguous row slice, which
-    ``_range(lo, hi)`` reads."""
+    ``pieces(lo, hi)`` reads."""
 
     def __init__(self, arr: zarr.Array, store: Store, path: str, decode: Any | None) -> None:
         self.arr, self.store, self.path, self.decode = arr, store, path, decode
@@ -81,9 +81,15 @@ class _Rows:
         lo, hi, step = rows.indices(int(self.shape[0]))
         if step != 1 or hi <= lo:
             return np.asarray(self.arr[rows])
-        return self._range(lo, hi)
+        out = np.empty((hi - lo, *self.shape[1:]), dtype=self.dtype)
+        for start, piece in self.pieces(lo, hi):
+            out[start - lo:start - lo + len(piece)] = piece
+        return out
 
-    def _range(self, lo: int, hi: int) -> np.ndarray:
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, np.ndarray]]:
+        """Rows lo..hi as (first row, rows) pieces in order, each a stored chunk's decoded rows (for raw chunks a
+        view of the fetched bytes, read-only): what a reader copies straight to where the rows go, with no
+        assembled copy between (``Codec.decode_pieces``)."""
         raise NotImplementedError
 
     def _key(self, i: int) -> str:
@@ -96,7 +102,9 @@ class ChunkedRows(_Rows):
     each, as zarr does) and decoded by ``chunk_decoder``. Anything else, or a chunk never written (zarr fills
     it), goes to zarr."""
 
-    def _range(self, lo: int, hi: int) -> np.ndarray:
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, np.ndarray]]:
+        if hi <= lo:
+            return []
         size = int(self.chunks[0])
         first = lo // size
         keys = [self._key(k) for k in range(first, (hi - 1) // size + 1)]
@@ -104,13 +112,13 @@ class ChunkedRows(_Rows):
         async def fetch() -> list[Any]:
             return await asyncio.gather(*(self.store.get(key, default_buffer_prototype()) for key in keys))
 
-        out = np.empty((hi - lo, *self.shape[1:]), dtype=self.dtype)
+        out = []
         for k, buf in enumerate(sync(fetch()), start=first):
             a, z = max(lo, k * size), min(hi, (k + 1) * size)
             if buf is None:
-                out[a - lo:z - lo] = self.arr[a:z]  # never written: zarr's fill value
+                out.append((a, np.asarray(self.arr[a:z])))  # never written: zarr's fill value
             else:
-                out[a - lo:z - lo] = self.decode(buf.as_numpy_array())[a - k * size:z - k * size]  # no copy
+                out.append((a, self.decode(buf.as_numpy_array())[a - k * size:z - k * size]))  # no copy
         return out
 
 
@@ -127,12 +135,14 @@ class ShardedRows(_Rows):
         self._index: dict[int, bytes] = {}
         self._meta = arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
 
-    def _range(self, lo: int, hi: int) -> np.ndarray:
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, np.ndarray]]:
+        if hi <= lo:
+            return []
         size = int(self.shards[0])
-        return np.concatenate([self._rows(s, max(lo, s * size), min(hi, (s + 1) * size))
-                               for s in range(lo // size, (hi - 1) // size + 1)])
+        return [p for s in range(lo // size, (hi - 1) // size + 1)
+                for p in self._rows(s, max(lo, s * size), min(hi, (s + 1) * size))]
 
-    def _rows(self, shard: int, lo: int, hi: int) -> np.ndarray:
+    def _rows(self, shard: int, lo: int, hi: int) -> list[tuple[int, np.ndarray]]:
         key = self._key(shard)
         index = self._shard_index(shard, key)
         entries = np.frombuffer(index[:-4], "<u8").reshape(-1, 2)
@@ -140,7 +150,7 @@ class ShardedRows(_Rows):
         first = (lo - base) // chunk
         need = entries[first:(hi - 1 - base) // chunk + 1]
         if (need[:, 0] == _EMPTY).any():
-            return np.asarray(self.arr[lo:hi])  # an unwritten inner chunk: zarr fills it
+            return [(lo, np.asarray(self.arr[lo:hi]))]  # an unwritten inner chunk: zarr fills it
         a, z = int(need[:, 0].min()), int((need[:, 0] + need[:, 1]).max())
         span = sync(self.store.get(key, default_buffer_prototype(), RangeByteRequest(a, z)))
         if span is None:
@@ -149,10 +159,13 @@ class ShardedRows(_Rows):
         if self.decode is None:
             blob = bytearray(z) + index  # the shard as far as needed: the span at its offsets, the index at the end
             blob[a:z] = data.tobytes()
-            return self._decode(shard, bytes(blob), lo, hi)
-        start = base + first * chunk  # the first needed inner chunk's first row
-        parts = [self.decode(data[int(o) - a:int(o + n) - a]) for o, n in need]
-        return np.concatenate(parts)[lo - start:hi - start]
+            return [(lo, self._decode(shard, bytes(blob), lo, hi))]
+        out = []
+        for k, (o, n) in enumerate(need):  # each inner chunk decoded from its slice of the span, trimmed to lo..hi
+            start = base + (first + k) * chunk
+            rows = self.decode(data[int(o) - a:int(o + n) - a])
+            out.append((max(lo, start), rows[max(lo, start) - start:min(hi, start + chunk) - start]))
+        return out
 
     def _decode(self, shard: int, blob: bytes, lo: int, hi: int) -> np.ndarray:
         mem = MemoryStore()

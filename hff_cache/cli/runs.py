@@ -39,6 +39,7 @@ TRAIN_OPTIONS = config_options(TrainConfig, {
     "fusion.kind": Flag(decls=("--fusion",)),
     "fusion.rung_gate_init": Flag(cli_type=str | None, parse=_gate_init),
     "in_memory": Flag(cli_type=str, parse=str),  # auto | true | false: TrainConfig reads the words
+    "loader_thread": Flag(cli_type=str, parse=str),  # auto | true | false, as --in-memory
     "online": Flag(decls=("--online",)),  # a mode switch: no --no-online
     "encoder_lr": Flag(help=f"Online: LR of the encoder weights full/bitfit train (default: {_ENCODER_LR_DEFAULTS}; "
                             "otherwise --lr)"),

@@ -58,7 +58,8 @@ def cache_sources(cfg: TrainConfig, task: Task, layers: list[int], readers: tupl
     # compressed residency decodes each batch where the model runs (the GPU when training there)
     common = dict(ctc=task.kind == "ctc", layers=layers, batch_frames=cfg.batch_frames,
                   max_batch_utts=cfg.max_batch_utts, in_memory=cfg.in_memory, num_workers=cfg.num_workers,
-                  prefetch=cfg.prefetch, rank=d.rank, world_size=d.world_size, local_world_size=d.local_world_size,
+                  prefetch=cfg.prefetch, loader_thread=cfg.loader_thread, rank=d.rank, world_size=d.world_size,
+                  local_world_size=d.local_world_size,
                   device=distributed.resolve_device(cfg.device))
     train_src = CacheBatches(reader, train_data, shuffle=True, seed=cfg.seed, shuffle_frames=cfg.shuffle_frames,
                              **common)

@@ -67,6 +67,9 @@ class Codec:
     # Compressed residency holds ``layer_kk``'s integer levels bit-packed (hff_cache/batches/packed_levels.py),
     # not as stored: an entropy coder's bytes cannot be gathered by rows.
     packed_residency: bool = False
+    # Each row decodes from its own stored row and the per-part side arrays alone (no per-frame side arrays, no
+    # time groups, no layer below): ``decode_pieces`` then decodes a range chunk by chunk, with no assembly.
+    rowwise: bool = False
 
     def __init__(self, level: int = ZSTD_LEVEL) -> None:
         self.level = int(level)
@@ -118,6 +121,18 @@ class Codec:
     def decode(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32) -> np.ndarray:
         """Rows ``rows`` of the layer as ``dtype`` (float32, or float16 for the training loader)."""
         raise NotImplementedError
+
+    def decode_pieces(self, stored: dict[str, Any], rows: slice, dtype: Any = np.float32
+                      ) -> Iterator[tuple[int, np.ndarray]]:
+        """Rows ``rows`` (a slice with a start) as (first row, decoded rows) pieces in order: chunk by chunk from
+        the row reader's ``pieces`` where the codec is ``rowwise`` (fp16 then copies nothing before its reader
+        does), else one piece. The pieces may be read-only views; callers copy them out."""
+        main = stored[MAIN]
+        if not self.rowwise or not hasattr(main, "pieces"):
+            yield int(rows.start), self.decode(stored, rows, dtype)
+            return
+        for start, block in main.pieces(int(rows.start), int(rows.stop)):
+            yield start, self.decode({**stored, MAIN: block}, slice(None), dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"

@@ -16,6 +16,7 @@ class FP16Codec(Codec):
     bytes_per_value = 2.0
     max_abs = float(np.finfo(np.float16).max)
     buffer_dtype = np.dtype("float16")
+    rowwise = True
     rel_error = 5e-4  # float16 rounding: 2^-11 relative per value
     transcode_tolerance = 1e-3
 
@@ -58,6 +59,7 @@ class Int8Codec(Codec):
     dtype = np.dtype("int8")
     bytes_per_value = 1.0
     side_suffixes = ("scale",)
+    rowwise = True
     rel_error = 0.03
     transcode_tolerance = 0.1
 
@@ -82,6 +84,7 @@ class Int4Codec(Codec):
     dtype = np.dtype("uint8")
     bytes_per_value = 0.5
     side_suffixes = ("scale",)
+    rowwise = True
     rel_error = 0.3
 
     def row_shape(self, dim: int) -> tuple[int, ...]:
