@@ -557,6 +557,31 @@ def test_exact_product_is_exact_beyond_one_block() -> None:
         assert torch.equal(t, torch.from_numpy(got))
 
 
+def test_one_product_rows_equal_the_blocked_residual() -> None:
+    """On the CPU, rows small in L1 take one float32 product of 128 levels - offsets; it must give the blocked
+    product's numbers bit for bit (which CUDA computes), in numpy and torch, for a mix of small rows and rows
+    with outlier levels (which keep the blocks)."""
+    from hff_cache.cache.codecs.tpcae import _ONE_PRODUCT_L1, _blocked_residual, exact_residual
+
+    rng = np.random.default_rng(12)
+    dim = 384
+    levels = rng.integers(-3, 4, (64, dim)).astype(np.float32)
+    levels[::7, 5] = rng.integers(-32767, 32768, len(levels[::7]))  # outliers: too large for one product
+    levels[1] = 63  # just inside or near the bound
+    offsets = np.sign(levels) * rng.integers(0, 65, dim).astype(np.float32)
+    basis = rng.integers(-127, 128, (dim, dim)).astype(np.float32)
+    fits = np.abs(levels * 128 - offsets).sum(1) < _ONE_PRODUCT_L1
+    assert fits.any() and not fits.all()
+    want = _blocked_residual(levels, offsets, basis)
+    np.testing.assert_array_equal(exact_residual(levels, offsets, basis), want)
+    np.testing.assert_array_equal(exact_residual(levels[fits], offsets[fits], basis), want[fits])  # all fit
+    np.testing.assert_array_equal(exact_residual(levels, None, basis), _blocked_residual(levels, None, basis))
+    exact = (levels.astype(np.float64) - offsets / 128) @ basis.astype(np.float64)
+    np.testing.assert_array_equal(want[fits], exact[fits].astype(np.float32))  # and both are the exact value
+    t = exact_residual(*(torch.from_numpy(a) for a in (levels, offsets, basis)))
+    assert torch.equal(t, torch.from_numpy(want))
+
+
 def write_then_strip(url: Path, name: str, old: dict[str, Any]) -> list[np.ndarray]:
     """A cache written with ``old`` params (how the codec behaved before they existed), then those params
     removed from its root, as a cache written then records them; returns what it read before the removal."""

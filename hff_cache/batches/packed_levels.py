@@ -27,7 +27,10 @@ class PackedLevels:
     def __init__(self, frames: int, dim: int) -> None:
         self.shape = (int(frames), int(dim))
         self.widths: np.ndarray | None = None
-        self._planes: list[tuple[int, np.ndarray, int, int]] = []  # per bit plane: bit, columns, byte offset, bytes
+        # Columns widest first (``_order``), so every bit plane's columns are a prefix of that order and a plane
+        # unpacks into one contiguous slice; ``_inverse`` puts the columns back.
+        self._order = self._inverse = np.zeros(0, np.int64)
+        self._planes: list[tuple[int, int, int, int]] = []  # per bit plane: bit, columns, byte offset, bytes
         self._data: np.ndarray | None = None
         self._outliers: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._rows = np.zeros(0, np.int32)
@@ -51,8 +54,9 @@ class PackedLevels:
         if self.widths is None:
             self._layout(choose_widths(zig))
         assert self._data is not None and self.widths is not None
+        ordered = zig[:, self._order]
         for bit, cols, offset, nbytes in self._planes:
-            plane = (zig[:, cols] >> np.uint32(bit)) & 1
+            plane = (ordered[:, :cols] >> np.uint32(bit)) & 1
             self._data[lo:hi, offset:offset + nbytes] = np.packbits(plane.astype(np.uint8), axis=1, bitorder="little")
         r, c = np.nonzero(zig >= (np.uint32(1) << self.widths.astype(np.uint32)))
         if len(r):  # list.append is atomic: blocks fill from several threads
@@ -60,10 +64,12 @@ class PackedLevels:
 
     def _layout(self, widths: np.ndarray) -> None:
         self.widths = widths
+        self._order = np.argsort(-widths, kind="stable")
+        self._inverse = np.argsort(self._order)
         offset = 0
         for bit in range(int(widths.max(initial=0))):
-            cols = np.nonzero(widths > bit)[0]
-            nbytes = (len(cols) + 7) // 8
+            cols = int((widths > bit).sum())  # the first ``cols`` columns of ``_order``
+            nbytes = (cols + 7) // 8
             self._planes.append((bit, cols, offset, nbytes))
             offset += nbytes
         self._data = np.zeros((self.shape[0], offset), np.uint8)
@@ -84,12 +90,13 @@ class PackedLevels:
     def __getitem__(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, np.int64)
         self._merge()
-        zig = np.zeros((len(rows), self.shape[1]), np.uint32)
+        zig = np.zeros((len(rows), self.shape[1]), np.uint16)  # zig-zag values < 2^16, columns in ``_order``
         if self._data is not None:
             data = self._data[rows]
             for bit, cols, offset, nbytes in self._planes:
-                bits = np.unpackbits(data[:, offset:offset + nbytes], axis=1, count=len(cols), bitorder="little")
-                zig[:, cols] |= bits.astype(np.uint32) << np.uint32(bit)
+                bits = np.unpackbits(data[:, offset:offset + nbytes], axis=1, count=cols, bitorder="little")
+                zig[:, :cols] |= np.left_shift(bits, np.uint16(bit), dtype=np.uint16)
+            zig = zig[:, self._inverse]
         out = _unzigzag(zig)
         if len(self._rows):
             first = np.searchsorted(self._rows, rows, "left")
