@@ -28,6 +28,7 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from typing import Any
 
 import numpy as np
@@ -365,8 +366,9 @@ class CacheBatches:
         if self.in_memory:
             self.load()
         if not self._in_thread():
-            for item in self._items(epoch, ahead=False):
-                yield self._decode_batch(item) if isinstance(item, _CodesBatch) else item
+            with closing(self._items(epoch, ahead=False)) as items:  # stopped early: the read pool shuts down now
+                for item in items:
+                    yield self._decode_batch(item) if isinstance(item, _CodesBatch) else item
             return
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
