@@ -175,8 +175,8 @@ class TrainConfig:
     num_workers: int = setting(2, "Decode threads when streaming")
     prefetch: int = setting(4, "Batches decoded ahead")
     loader_thread: bool | str = setting("auto", "auto | true | false: decode batches in a thread beside the "
-                                                "training step (auto: only where the step leaves a core free: "
-                                                "on a GPU, or --threads below the usable CPUs)")
+                                                "training step (auto: where the step leaves a core free: on a "
+                                                "GPU, or --threads below the usable CPUs; or the cache is a URL)")
     device: str = setting("auto", "auto | cpu | cuda")
     threads: int = setting(0, "torch intra-op threads (0: the CPUs this process may use: affinity and cgroup "
                               "quota); 1 can be far faster on a CPU other jobs share (docs/cli.md)")

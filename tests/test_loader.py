@@ -151,6 +151,9 @@ def test_auto_loads_beside_the_step_only_where_it_leaves_a_core_free(setup, monk
     monkeypatch.setattr(loader, "usable_cpus", lambda: 2)
     src.device = torch.device("cuda")  # the step runs on a GPU: the cores are the loader's
     assert src._in_thread()
+    src.device = torch.device("cpu")
+    monkeypatch.setattr(src.reader, "url", "s3://bucket/cache.zarr")  # reading is mostly waiting on the network
+    assert src._in_thread()
 
 
 def test_collate_targets():

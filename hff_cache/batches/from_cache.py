@@ -353,12 +353,14 @@ class CacheBatches:
             put(exc)
 
     def _in_thread(self) -> bool:
-        """Decode in a thread beside the step? Only where the step leaves a core free: on 2 CPU cores that the
-        step's two torch threads fill, a loader thread beside them stalls their OpenMP team (a streamed epoch of
-        the 25 x 1024 shape: 1.31x the steps alone, 1.11x between steps; benchmarks/training_cost.py)."""
+        """Decode in a thread beside the step? Where the step leaves a core free, or where reading is mostly
+        waiting (a cache behind a URL: an object store). On 2 CPU cores that the step's two torch threads fill, a
+        loader thread beside them stalls their OpenMP team (a streamed raw epoch of the 25 x 1024 shape: 1.26x the
+        steps alone, 1.07x between steps; benchmarks/training_cost.py, docs/results.md)."""
         if self.loader_thread != "auto":
             return bool(self.loader_thread)
-        return self.device.type != "cpu" or torch.get_num_threads() < usable_cpus()
+        remote = "://" in str(self.reader.url)
+        return remote or self.device.type != "cpu" or torch.get_num_threads() < usable_cpus()
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of ``epoch``: decoded ahead in a background thread, or on demand in the caller's thread
