@@ -278,13 +278,14 @@ def exact_residual(levels: Matrix, offsets: Matrix | None, basis: Matrix) -> Mat
     if offsets is not None:
         scaled -= offsets
     fits = abs(scaled).sum(1) < _ONE_PRODUCT_L1
-    if bool(fits.all()):
-        out = scaled @ basis
-        out *= 1 / BIAS_GRID
-        return out
-    out = _blocked_residual(levels, offsets, basis)
-    if bool(fits.any()):
-        out[fits] = (scaled[fits] @ basis) * (1 / BIAS_GRID)
+    out = scaled @ basis  # exact on the rows that fit; the others are redone below
+    out *= 1 / BIAS_GRID
+    slow = ~fits
+    if bool(slow.any()):
+        # the hi columns of the whole call, so the blocked rows' sums run in the same blocks as when every row
+        # took the blocks
+        cols = ((levels >= 64) | (levels < -64)).any(0)
+        out[slow] = _blocked_residual(levels[slow], None if offsets is None else offsets[slow], basis, cols)
     return out
 
 
@@ -292,11 +293,15 @@ def _on_cpu(x: Matrix) -> bool:
     return isinstance(x, np.ndarray) or x.device.type == "cpu"
 
 
-def _blocked_residual(levels: Matrix, offsets: Matrix | None, basis: Matrix) -> Matrix:
+def _blocked_residual(levels: Matrix, offsets: Matrix | None, basis: Matrix, hi_cols: Matrix | None = None
+                      ) -> Matrix:
+    """The blocks of ``exact_residual``; ``hi_cols``: a mask of the columns the hi product runs over (default:
+    those where some row of ``levels`` has a nonzero hi)."""
     hi = (levels + 64) // BIAS_GRID
     lo = levels - hi * BIAS_GRID
     out = exact_product(lo, basis)
-    cols = hi.any(0).nonzero()[0] if isinstance(hi, np.ndarray) else hi.any(0).nonzero()[:, 0]
+    mask = hi.any(0) if hi_cols is None else hi_cols
+    cols = mask.nonzero()[0] if isinstance(hi, np.ndarray) else mask.nonzero()[:, 0]
     if len(cols):
         top = exact_product(hi[:, cols], basis[cols], block=_HI_BLOCK)
         top *= BIAS_GRID
