@@ -367,11 +367,13 @@ class CacheBatches:
         between training steps (``loader_thread``)."""
         if self.in_memory:
             self.load()
-        if not self._in_thread():
-            with closing(self._items(epoch, ahead=False)) as items:  # stopped early: the read pool shuts down now
-                for item in items:
-                    yield self._decode_batch(item) if isinstance(item, _CodesBatch) else item
-            return
+        items = self._from_thread(epoch) if self._in_thread() else self._items(epoch, ahead=False)
+        with closing(items):  # stopped early: the producer is released and the read pool shut down at once
+            for item in items:
+                yield self._decode_batch(item) if isinstance(item, _CodesBatch) else item
+
+    def _from_thread(self, epoch: int) -> Iterator[Batch | _CodesBatch]:
+        """The items of ``epoch`` from a producer thread, up to ``prefetch`` ahead."""
         out: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         worker = threading.Thread(target=self._produce, args=(epoch, out, stop), daemon=True,
@@ -384,7 +386,7 @@ class CacheBatches:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield self._decode_batch(item) if isinstance(item, _CodesBatch) else item
+                yield item
         finally:
             stop.set()  # the consumer stopped early (or finished): release the producer
             worker.join()
