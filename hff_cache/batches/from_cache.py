@@ -37,6 +37,7 @@ import torch
 from hff_cache.batches import device_decode
 from hff_cache.batches.common import collate_targets, memory_available
 from hff_cache.batches.packed_levels import PackedLevels
+from hff_cache.cache.block_reads import read_blocks, uses_processes
 from hff_cache.cache.codecs import MAIN, Codec
 from hff_cache.cache.format import CHUNK_FRAMES
 from hff_cache.cache.reader import StoredCodes
@@ -192,12 +193,17 @@ class CacheBatches:
             return
         offsets = self._own_offsets()
         mem = np.empty((int(offsets[-1]), self.num_layers, self.hidden_size), dtype=np.float16)
+        if uses_processes(self.reader, self.num_workers, len(self.blocks)):  # decoded elsewhere, copied here
+            id_lists = [self.indices[b] for b in self.blocks]
+            reads = read_blocks(self.reader, id_lists, self.layers, codes=False, workers=self.num_workers)
+            for block, arrays in zip(self.blocks, reads, strict=True):
+                mem[offsets[block[0]]: offsets[block[-1] + 1]] = np.concatenate(arrays)
+        else:  # threads decode straight into place
+            def fill(block: np.ndarray) -> None:
+                self._read_block(block, [mem[offsets[p]: offsets[p + 1]] for p in block.tolist()])
 
-        def fill(block: np.ndarray) -> None:
-            self._read_block(block, [mem[offsets[p]: offsets[p + 1]] for p in block.tolist()])
-
-        with ThreadPoolExecutor(self.num_workers) as pool:
-            list(pool.map(fill, self.blocks))
+            with ThreadPoolExecutor(self.num_workers) as pool:
+                list(pool.map(fill, self.blocks))
         self._mem, self._mem_offsets = mem, offsets
         self.resident_nbytes = mem.nbytes
 
@@ -209,21 +215,17 @@ class CacheBatches:
         if not self.blocks:
             self._codes, self._mem_offsets = [], offsets
             return
-        first = self.reader.read_codes(self.indices[self.blocks[0]].tolist(), layers)
+        reads = read_blocks(self.reader, [self.indices[b] for b in self.blocks], layers, codes=True,
+                            workers=self.num_workers)
+        done = [next(reads)]
         packed = self.reader.codec.packed_residency
-        res = [_ResidentLayer.allocate(c, int(offsets[-1]), len(self.indices), packed) for c in first]
-
-        def fill(block: np.ndarray, codes: list[StoredCodes] | None = None) -> list[StoredCodes]:
-            codes = codes or self.reader.read_codes(self.indices[block].tolist(), layers)
+        res = [_ResidentLayer.allocate(c, int(offsets[-1]), len(self.indices), packed) for c in done[0]]
+        done += list(reads)
+        for block, codes in zip(self.blocks, done, strict=True):
             lo, hi = int(offsets[block[0]]), int(offsets[block[-1] + 1])  # a block's positions are consecutive
             for r, c in zip(res, codes, strict=True):
                 for name, arr in c.rows.items():
                     r.rows[name][lo:hi] = arr
-            return codes
-
-        done = [fill(self.blocks[0], first)]
-        with ThreadPoolExecutor(self.num_workers) as pool:
-            done += list(pool.map(fill, self.blocks[1:]))
         for block, codes in zip(self.blocks, done, strict=True):  # groups: merged here, in one thread
             for r, c in zip(res, codes, strict=True):
                 r.add_groups(block, c)

@@ -70,6 +70,9 @@ class Codec:
     # Each row decodes from its own stored row and the per-part side arrays alone (no per-frame side arrays, no
     # time groups, no layer below): ``decode_pieces`` then decodes a range chunk by chunk, with no assembly.
     rowwise: bool = False
+    # Decoding holds the GIL (a coder in native code that does not release it): readers of many blocks use
+    # processes, not threads (hff_cache/cache/block_reads.py).
+    holds_gil: bool = False
 
     def __init__(self, level: int = ZSTD_LEVEL) -> None:
         self.level = int(level)

@@ -62,6 +62,7 @@ class TPCAECodec(TimeGroupCodec):
     rel_error = 0.12
     bits_range = (0.25, 7.0)
     packed_residency = True
+    holds_gil = True  # constriction's AnsCoder.decode
     # caches written before 2026-12-07 round to the nearest level and decode it at the bin's centre
     # and from then until 2026-12-08 multiply the levels with the basis in BLAS's order
     legacy_params = {"deadzone": 0.0, "centroids": False, "exact": False}
