@@ -202,6 +202,8 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--reps", type=int, default=5, help="rounds of the cached epoch's ways, timed in turn")
+    p.add_argument("--online-rounds", type=int, default=1,
+                   help="rounds of the online methods, each running every one in turn (ratios per round)")
     p.add_argument("--batch-seconds", type=float, default=20.0)
     p.add_argument("--utts", type=int, default=64, help="utterances in the (evenly spaced) training subset")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench_training_cost"), help="subset caches")
@@ -222,7 +224,7 @@ def main() -> None:
     printed = []
     with LoadWatch() as watch:  # every child process, one after another
         for enc in a.encoders.split(","):
-            for m in a.methods.split(","):
+            for m in run_order(a.methods.split(","), a.online_rounds):
                 for sub in (["cached-extract", m] if m.startswith("cached") else [m]):
                     cmd = [sys.executable, __file__, "--data", a.data, "--steps", str(a.steps), "--reps", str(a.reps),
                            "--batch-seconds",
@@ -238,8 +240,16 @@ def main() -> None:
     finish(with_extraction(printed), a, machine["line"])
 
 
+def run_order(methods: list[str], rounds: int) -> list[str]:
+    """The children to run for one encoder: the cached methods once, the online ones ``rounds`` times in turn
+    (interleaved, so the machine's drift between minutes hits every method alike)."""
+    online = [m for m in methods if not m.startswith("cached")]
+    return [m for m in methods if m.startswith("cached")] + online * max(1, rounds)
+
+
 def with_extraction(printed: list[dict]) -> list[dict]:
-    """The table's rows: each cached row gets its encoder's extraction time (the rows before it)."""
+    """The table's rows: each cached row gets its encoder's extraction time (the rows before it); an online
+    method run in several rounds becomes one row of medians (``merge_rounds``)."""
     extract_s: dict[str, float] = {}
     rows = []
     for row in printed:
@@ -248,7 +258,29 @@ def with_extraction(printed: list[dict]) -> list[dict]:
         else:
             rows.append({**row, "extract_s": extract_s.get(row["encoder"])} if row["method"].startswith("cached")
                         else row)
-    return rows
+    return merge_rounds(rows)
+
+
+def merge_rounds(rows: list[dict]) -> list[dict]:
+    """One row per (encoder, method): step and epoch seconds are medians over the rounds, memory the largest,
+    and ``x_full`` the median of each round's step time over ``full``'s in the same round."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["encoder"], r["method"]), []).append(r)
+    merged = []
+    for (enc, method), rs in groups.items():
+        row = dict(rs[0])
+        if len(rs) > 1:
+            row.update(step_s=statistics.median(r["step_s"] for r in rs),
+                       epoch_s=statistics.median(r["epoch_s"] for r in rs), rounds=len(rs),
+                       mem_step_mb=max(r["mem_step_mb"] for r in rs), peak_rss_mb=max(r["peak_rss_mb"] for r in rs))
+        full = groups.get((enc, "full"), [])
+        if len(full) == len(rs) > 1 and not method.startswith("cached"):
+            row["x_full"] = statistics.median(r["step_s"] / f["step_s"] for r, f in zip(rs, full, strict=True))
+        merged.append(row)
+    return merged
 
 
 def finish(rows: list[dict], a: argparse.Namespace, machine: str) -> None:
@@ -283,6 +315,11 @@ def render(rows: list[dict], cmd: str, a: argparse.Namespace, machine: str) -> s
             lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_s']:.2f} | "
                          f"{r['epoch_s']:.1f}{'' if r['epoch_measured'] else ' (extrap.)'} | {ratio:.1f}x | "
                          f"{r['mem_step_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+        paired = [r for r in rs if "x_full" in r]
+        if paired:
+            lines += ["", f"Step time over `full`'s, the median of {paired[0]['rounds']} rounds' ratios (each round "
+                      "ran every online method once, in turn): " + ", ".join(
+                          f"`{r['method']}` **{r['x_full']:.2f}**" for r in paired) + "."]
         if base:
             lines += ["", *cached_ways(base, rs_frozen(rs)),
                       f"One encoder pass over the epoch (extraction) {base['extract_s']:.1f} s, so the bound for "
