@@ -9,14 +9,13 @@ into float16 RAM, then only gather). The goal is loader >= 5x the training step'
 model never waits for data.
 
 For a codec whose decoder holds the GIL (tpcae, tpcape), the one-off ``--in-memory`` load runs in
-``--workers`` processes; the load is then timed a second way, in threads, side by side (``--load-rounds``
-interleaved rounds, median ratio).
+``--workers`` processes, and so do streamed epochs; both are then timed a second way, in threads, side by
+side (``--load-rounds`` interleaved rounds, median ratio).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -33,6 +32,7 @@ from hff_cache.model.augment import SpecAugment
 from hff_cache.model.hff import HFFModel, ModelSpec
 from hff_cache.runtime.threads import LoadWatch, warn_if_loaded
 from hff_cache.tasks.task import Task, load_labels
+from hff_cache.testing import read_by_threads
 
 
 def loader_rate(src: CacheBatches, epochs: int) -> tuple[float, float]:
@@ -48,22 +48,28 @@ def loader_rate(src: CacheBatches, epochs: int) -> tuple[float, float]:
     return frames / (time.perf_counter() - t0), setup
 
 
-def load_ways(reader: CacheReader, data: object, common: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of the one-off in-memory load by processes and by threads, and the median of the
-    per-round ratios (rounds interleaved, so drift in the machine's speed hits both ways alike)."""
-    threads_reader = copy.copy(reader)
-    threads_reader.codec = copy.copy(reader.codec)
-    threads_reader.codec.holds_gil = False  # the same decoder, read by threads
-    times: dict[str, list[float]] = {"processes": [], "threads": []}
+def gil_ways(reader: CacheReader, data: object, common: dict, rounds: int) -> dict[str, float]:
+    """For a codec whose decoder holds the GIL: median seconds of the one-off in-memory load and of one streamed
+    epoch, by worker processes and by threads, and the medians of the per-round ratios (rounds interleaved, so
+    drift in the machine's speed hits both ways alike)."""
+    readers = {"processes": reader, "threads": read_by_threads(reader)}  # the same decoder, read two ways
+    times: dict[str, list[float]] = {f"{job}_{way}": [] for job in ("load", "stream") for way in readers}
     for _ in range(rounds):
-        for way, r in (("processes", reader), ("threads", threads_reader)):
+        for way, r in readers.items():
             src = CacheBatches(r, data, in_memory=True, **common)
             t0 = time.perf_counter()
             src.load()
-            times[way].append(time.perf_counter() - t0)
-    ratios = [t / p for p, t in zip(times["processes"], times["threads"], strict=True)]
-    return {"load_processes_s": statistics.median(times["processes"]),
-            "load_threads_s": statistics.median(times["threads"]), "load_speedup": statistics.median(ratios)}
+            times[f"load_{way}"].append(time.perf_counter() - t0)
+            src = CacheBatches(r, data, in_memory=False, **common)
+            t0 = time.perf_counter()
+            for _batch in src.epoch(0):
+                pass
+            times[f"stream_{way}"].append(time.perf_counter() - t0)
+    out = {f"{k}_s": statistics.median(v) for k, v in times.items()}
+    for job in ("load", "stream"):
+        pairs = zip(times[f"{job}_processes"], times[f"{job}_threads"], strict=True)
+        out[f"{job}_speedup"] = statistics.median(t / p for p, t in pairs)
+    return out
 
 
 def step_rate(src: CacheBatches, task: Task, steps: int) -> tuple[float, float, int]:
@@ -100,12 +106,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", help="feature cache (default: a tiny cache built in a temp folder)")
     ap.add_argument("--batch-frames", type=int, default=20_000)
-    ap.add_argument("--workers", type=int, default=2, help="decode threads (streaming)")
+    ap.add_argument("--workers", type=int, default=2, help="decode threads, or processes for a GIL-holding codec")
     ap.add_argument("--epochs", type=int, default=1, help="loader epochs to time")
     ap.add_argument("--steps", type=int, default=4, help="training steps to time")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--labels", help="labels manifest: only its utterances (default: the cache's own texts)")
-    ap.add_argument("--load-rounds", type=int, default=2, help="rounds of the load timed both ways (GIL codecs)")
+    ap.add_argument("--load-rounds", type=int, default=2,
+                    help="rounds of the load and a streamed epoch timed both ways (GIL codecs)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -135,22 +142,24 @@ def main() -> None:
         results["memory_fps"], results["memory_load_s"] = loader_rate(memory, args.epochs)
         results["step_fps"], results["step_ms"], results["params"] = step_rate(memory, task, args.steps)
         if uses_processes(reader, args.workers, len(memory.blocks)):
-            results.update(load_ways(reader, data, common, args.load_rounds))
+            results.update(gil_ways(reader, data, common, args.load_rounds))
     results["machine"], results["machine_line"] = watch.summary(), watch.line()
     results["stream_ratio"] = results["stream_fps"] / results["step_fps"]
     results["memory_ratio"] = results["memory_fps"] / results["step_fps"]
     print(f"cache {cache}: {results['frames']} frames x {results['layers']} layers x {results['hidden_size']} "
           f"({results['codec']}), batch_frames {args.batch_frames}, torch threads {results['torch_threads']}")
-    print(f"  loader, streaming ({args.workers} decode threads): {results['stream_fps']:12,.0f} frames/s")
+    workers = "processes" if "load_speedup" in results else "threads"
+    print(f"  loader, streaming ({args.workers} decode {workers}): {results['stream_fps']:12,.0f} frames/s")
     print(f"  loader, in memory (load {results['memory_load_s']:.1f} s once): {results['memory_fps']:12,.0f} frames/s")
     print(f"  hierarchical train step ({results['params']:,} params, {results['step_ms']:.0f} ms/step): "
           f"{results['step_fps']:12,.0f} frames/s")
     print(f"  ratio loader/step: streaming {results['stream_ratio']:.1f}x, in memory {results['memory_ratio']:.1f}x "
           "(goal >= 5x)")
     if "load_speedup" in results:
-        print(f"  in-memory load of a GIL-holding codec: {args.workers} processes "
-              f"{results['load_processes_s']:.1f} s, {args.workers} threads {results['load_threads_s']:.1f} s "
-              f"(median of {args.load_rounds} rounds): {results['load_speedup']:.2f}x")
+        for job, what in (("load", "in-memory load"), ("stream", "streamed epoch")):
+            print(f"  {what} of a GIL-holding codec: {args.workers} processes {results[f'{job}_processes_s']:.1f} s, "
+                  f"{args.workers} threads {results[f'{job}_threads_s']:.1f} s (median of {args.load_rounds} "
+                  f"rounds): {results[f'{job}_speedup']:.2f}x")
     print(f"  {results['machine_line']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

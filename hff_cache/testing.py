@@ -103,6 +103,17 @@ def as_older_cache(url: str | Path, drop: tuple[str, ...] = (), drop_codec_param
     root.attrs[ROOT_KEY] = record
 
 
+def read_by_threads(reader: Any) -> Any:
+    """A copy of ``reader`` whose blocks are read by threads even where its codec's decoder holds the GIL (the
+    way before worker processes: what tests and benchmarks compare the processes against)."""
+    import copy
+
+    threads = copy.copy(reader)
+    threads.codec = copy.copy(reader.codec)
+    threads.codec.holds_gil = False
+    return threads
+
+
 def unlabelled(reader: Any) -> SimpleNamespace:
     """TaskData-like for a ``CacheReader``: every utterance, class 0 (what ``CacheBatches`` reads: ids, indices,
     targets), to load or stream a whole cache without a task."""

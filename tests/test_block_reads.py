@@ -3,6 +3,7 @@ threads otherwise; the same arrays in the same order either way, and a worker's 
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from hff_cache.batches.from_cache import CacheBatches
 from hff_cache.cache import CacheReader, transcode_cache
 from hff_cache.cache.block_reads import read_blocks, uses_processes
 from hff_cache.tasks.task import Task
-from hff_cache.testing import tiny_cache
+from hff_cache.testing import read_by_threads, tiny_cache
 
 DURATIONS = [0.5, 1.6, 0.7, 1.2, 0.9, 2.0, 0.6, 1.4, 1.0, 0.8]
 TEXTS = ["AB", "BA", "ABBA", "BAB", "A B", "BB A", "AAB", "B", "ABA", "BBA"]
@@ -73,19 +74,35 @@ def test_a_damaged_chunk_read_in_a_worker_process_names_the_damage(caches: dict[
         list(read_blocks(r, BLOCKS, None, codes=False, workers=2))
 
 
-def test_a_loaded_entropy_coded_cache_equals_its_streamed_epoch_either_way(caches: dict[str, str]) -> None:
-    """Compressed residency and float16 residency of a tpcape cache, loaded by processes, against the
-    streamed epoch (threads): the batches are equal bit for bit."""
+def test_an_entropy_coded_cache_gives_the_same_epoch_by_processes_or_threads(caches: dict[str, str]) -> None:
+    """A tpcape cache streamed and loaded (as codes and as float16) by worker processes, against the same cache
+    streamed by threads: the batches are equal bit for bit."""
     torch.set_num_threads(1)
     r = CacheReader(caches["tpcape"])
     data = Task.from_labels("asr", r).prepare(r)
     kw = dict(ctc=True, batch_frames=200, shuffle_frames=150, block_frames=100, num_workers=2)
-    codes = CacheBatches(r, data, in_memory=True, **kw)
-    fp16 = CacheBatches(r, data, in_memory=True, resident="fp16", **kw)
-    streamed = CacheBatches(r, data, in_memory=False, **kw)
-    assert uses_processes(r, codes.num_workers, len(codes.blocks)) and len(codes.blocks) > 1
-    epochs = [list(s.epoch(1)) for s in (codes, fp16, streamed)]
-    assert codes.resident == "codes" and len(epochs[0]) > 1
-    for a, b, c in zip(*epochs, strict=True):
-        assert a.ids == b.ids == c.ids
-        assert torch.equal(a.feats, c.feats) and torch.equal(b.feats, c.feats)
+    sources = [CacheBatches(r, data, in_memory=True, **kw),
+               CacheBatches(r, data, in_memory=True, resident="fp16", **kw),
+               CacheBatches(r, data, in_memory=False, **kw)]
+    by_threads = CacheBatches(read_by_threads(r), data, in_memory=False, **kw)
+    assert uses_processes(r, 2, len(by_threads.blocks)) and len(by_threads.blocks) > 1
+    assert not uses_processes(by_threads.reader, 2, len(by_threads.blocks))
+    want = list(by_threads.epoch(1))
+    assert sources[0].resident == "codes" and len(want) > 1
+    for src in sources:
+        got = list(src.epoch(1))
+        assert [b.ids for b in got] == [b.ids for b in want]
+        assert all(torch.equal(a.feats, b.feats) for a, b in zip(got, want, strict=True))
+
+
+def test_a_streamed_epoch_stopped_early_shuts_its_worker_processes_down(caches: dict[str, str]) -> None:
+    r = CacheReader(caches["tpcape"])
+    data = Task.from_labels("asr", r).prepare(r)
+    src = CacheBatches(r, data, ctc=True, batch_frames=200, shuffle_frames=150, block_frames=100, num_workers=2,
+                       in_memory=False, loader_thread=False)
+    before = set(multiprocessing.active_children())
+    batches = src.epoch(0)
+    next(batches)
+    assert set(multiprocessing.active_children()) - before  # the epoch's reading processes
+    batches.close()
+    assert not set(multiprocessing.active_children()) - before

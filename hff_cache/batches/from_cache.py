@@ -37,7 +37,7 @@ import torch
 from hff_cache.batches import device_decode
 from hff_cache.batches.common import collate_targets, memory_available
 from hff_cache.batches.packed_levels import PackedLevels
-from hff_cache.cache.block_reads import read_blocks, uses_processes
+from hff_cache.cache.block_reads import BlockReads, read_blocks
 from hff_cache.cache.codecs import MAIN, Codec
 from hff_cache.cache.format import CHUNK_FRAMES
 from hff_cache.cache.reader import StoredCodes
@@ -171,9 +171,6 @@ class CacheBatches:
 
     # -- reading --
 
-    def _read_block(self, block: np.ndarray, out: list[np.ndarray] | None = None) -> list[np.ndarray]:
-        return self.reader.read_many(self.indices[block].tolist(), self.layers, dtype=np.float16, out=out)
-
     def _own_offsets(self) -> np.ndarray:
         """Rows of every position in RAM; positions outside this source's blocks (another rank's share) get
         empty ranges."""
@@ -193,17 +190,11 @@ class CacheBatches:
             return
         offsets = self._own_offsets()
         mem = np.empty((int(offsets[-1]), self.num_layers, self.hidden_size), dtype=np.float16)
-        if uses_processes(self.reader, self.num_workers, len(self.blocks)):  # decoded elsewhere, copied here
-            id_lists = [self.indices[b] for b in self.blocks]
-            reads = read_blocks(self.reader, id_lists, self.layers, codes=False, workers=self.num_workers)
-            for block, arrays in zip(self.blocks, reads, strict=True):
-                mem[offsets[block[0]]: offsets[block[-1] + 1]] = np.concatenate(arrays)
-        else:  # threads decode straight into place
-            def fill(block: np.ndarray) -> None:
-                self._read_block(block, [mem[offsets[p]: offsets[p + 1]] for p in block.tolist()])
-
-            with ThreadPoolExecutor(self.num_workers) as pool:
-                list(pool.map(fill, self.blocks))
+        with BlockReads(self.reader, self.num_workers, len(self.blocks)) as pool:
+            reads = [pool.submit(self.indices[b], self.layers, out=[mem[offsets[p]: offsets[p + 1]] for p in b])
+                     for b in self.blocks]
+            for read in reads:
+                read.result()
         self._mem, self._mem_offsets = mem, offsets
         self.resident_nbytes = mem.nbytes
 
@@ -253,7 +244,7 @@ class CacheBatches:
         return np.zeros((len(batch), t, self.num_layers, self.hidden_size), dtype=np.float16)
 
     def _copy_block(self, block: np.ndarray, out: list[np.ndarray]) -> None:
-        """A block's features copied from the float16 held in RAM into ``out`` (as ``_read_block`` reads them)."""
+        """A block's features copied from the float16 held in RAM into ``out`` (as a streamed read fills them)."""
         mem, off = self._mem, self._mem_offsets
         assert mem is not None and off is not None
         for p, dest in zip(block.tolist(), out, strict=True):
@@ -296,18 +287,30 @@ class CacheBatches:
         return Batch(ids=item.ids, lengths=torch.from_numpy(item.lengths), targets=item.targets,
                      target_lengths=item.target_lengths, feats=x)
 
-    def _window(self, batches: list[list[int]], blocks: list[np.ndarray], pool: ThreadPoolExecutor | None) -> Any:
+    def _window(self, batches: list[list[int]], blocks: list[np.ndarray], pool: Any) -> Any:
         """Future-like: .result() -> per batch, its padded features, every frame copied once, straight into them:
-        read from the cache (streamed) or copied from RAM, a block per task of ``num_workers`` threads; or None
-        per batch under compressed residency (``_item`` gathers and decodes the codes per batch)."""
+        read from the cache (streamed; a block per task of ``num_workers`` threads, or processes where the
+        codec's decoder holds the GIL) or copied from RAM (threads); or None per batch under compressed
+        residency (``_item`` gathers and decodes the codes per batch)."""
         if self._codes is not None:
             return _Done([None] * len(batches))
         assert pool is not None
         xs = [self._padded(b) for b in batches]
         rows = {p: x[i, : int(self.lengths[p])] for x, b in zip(xs, batches, strict=True) for i, p in enumerate(b)}
-        fill = self._copy_block if self.in_memory else self._read_block
-        futures = [pool.submit(fill, b, [rows[p] for p in b.tolist()]) for b in blocks]
+        if self.in_memory:
+            futures = [pool.submit(self._copy_block, b, [rows[p] for p in b.tolist()]) for b in blocks]
+        else:
+            futures = [pool.submit(self.indices[b], self.layers, out=[rows[p] for p in b.tolist()]) for b in blocks]
         return _Gather(futures, xs)
+
+    def _read_pool(self) -> Any:
+        """The pool of one epoch's reads: none under compressed residency, threads copying from RAM, or a
+        ``BlockReads`` pool streaming from the cache."""
+        if self._codes is not None:
+            return None
+        if self.in_memory:
+            return ThreadPoolExecutor(self.num_workers)
+        return BlockReads(self.reader, self.num_workers, len(self.blocks))
 
     def _item(self, batch: list[int], x: np.ndarray | None) -> Batch | _CodesBatch:
         return self._collate_codes(batch) if x is None else self._collate(batch, x)
@@ -315,7 +318,7 @@ class CacheBatches:
     def _items(self, epoch: int, ahead: bool) -> Iterator[Batch | _CodesBatch]:
         """The items of ``epoch`` in order. ``ahead``: the next window's reads start before this window's
         batches are handed out (in the pool's threads, beside the training step)."""
-        pool = None if self._codes is not None else ThreadPoolExecutor(self.num_workers)
+        pool = self._read_pool()
         try:
             windows = [(batches, blocks) for blocks, batches in self.plan(epoch)]
             pending = self._window(*windows[0], pool) if windows else None

@@ -1,52 +1,97 @@
 """Reading many blocks of utterances at once: in threads, or in processes where decoding holds the GIL.
 
 zstd, zarr's fetches and numpy release the GIL, so threads decode blocks in parallel. The entropy coder of
-the tpcae/tpcape codecs (constriction's ANS) does not: two threads took the wall time of one (25.5 against
-26.8 s for 150 utterances), so loading such a cache was one core's work. Those codecs set
-``Codec.holds_gil``, and their blocks go to worker processes, each with its own copy of the reader (a reader
-pickles without its opened arrays). Results come back in the blocks' order either way.
+the tpcae/tpcape codecs (constriction's ANS) does not: two threads loaded a tpcape cache 1.56x slower than two
+processes (benchmarks/loader.py). Those codecs set ``Codec.holds_gil``, and their blocks go to worker
+processes, each with its own copy of the reader (a reader pickles without its opened arrays); what a process
+decodes is copied once more, into the caller's arrays. Results come back in the order asked either way.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from itertools import repeat
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from .reader import CacheReader, StoredCodes
 
-__all__ = ["read_blocks", "uses_processes"]
+__all__ = ["BlockReads", "read_blocks", "uses_processes"]
 
 _reader: CacheReader | None = None  # a worker process's reader (set once by ``_adopt``)
 
 
 def uses_processes(reader: CacheReader, workers: int, blocks: int) -> bool:
-    """Whether ``read_blocks`` would start processes: only for a GIL-holding codec, with several workers and
-    blocks (starting a process costs ~0.5 s of imports, a block of such a codec ~1 s of decoding)."""
+    """Whether ``BlockReads`` starts processes: only for a GIL-holding codec, with several workers and blocks
+    (starting a process costs ~0.5 s of imports, a block of such a codec ~1 s of decoding)."""
     return bool(reader.codec.holds_gil) and workers > 1 and blocks > 1
+
+
+class BlockReads:
+    """A pool of ``workers`` that read blocks of ``reader``: threads, or processes (``uses_processes``).
+    ``blocks``: about how many blocks it will read (one block does not pay for a process)."""
+
+    def __init__(self, reader: CacheReader, workers: int, blocks: int) -> None:
+        self.reader = reader
+        self.processes = uses_processes(reader, workers, blocks)
+        if self.processes:
+            # spawn, not fork: the parent runs torch's OpenMP threads, and a forked child that touches them can
+            # hang
+            self._pool: Any = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_adopt, initargs=(reader,))
+        else:
+            self._pool = ThreadPoolExecutor(max(1, workers))
+
+    def submit(self, ids: Sequence[int], layers: Sequence[int] | None, *, codes: bool = False,
+               out: Sequence[np.ndarray] | None = None) -> _Read:
+        """Start reading ``ids``: ``reader.read_codes`` (``codes``) or ``reader.read_many`` as float16 (into
+        ``out`` when given). ``.result()`` waits and returns what was read."""
+        ids, layers = [int(i) for i in ids], None if layers is None else list(layers)
+        if self.processes:
+            return _Read(self._pool.submit(_in_worker, _codes if codes else _fp16, ids, layers), out)
+        if codes:
+            return _Read(self._pool.submit(self.reader.read_codes, ids, layers), None)
+        return _Read(self._pool.submit(self.reader.read_many, ids, layers, dtype=np.float16, out=out), None)
+
+    def map(self, id_lists: Sequence[Sequence[int]], layers: Sequence[int] | None, *, codes: bool) -> Iterator[Any]:
+        """What ``submit`` reads for each list of ids, in order, every read started at once."""
+        reads = [self.submit(ids, layers, codes=codes) for ids in id_lists]
+        for read in reads:
+            yield read.result()
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def __enter__(self) -> BlockReads:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(cancel_futures=True)
 
 
 def read_blocks(reader: CacheReader, id_lists: Sequence[Sequence[int]], layers: Sequence[int] | None, *,
                 codes: bool, workers: int) -> Iterator[list[StoredCodes] | list[np.ndarray]]:
     """For each list of utterance indices, in order: ``reader.read_codes`` (``codes``) or ``reader.read_many``
-    as float16, read by ``workers`` threads or, for a GIL-holding codec, processes."""
-    read = _codes if codes else _fp16
-    lists = [list(map(int, ids)) for ids in id_lists]
-    with _executor(reader, workers, len(lists)) as pool:
-        yield from pool.map(_call, repeat(read), lists, repeat(layers if layers is None else list(layers)),
-                            repeat(None if uses_processes(reader, workers, len(lists)) else reader))
+    as float16, by a ``BlockReads`` pool of ``workers``."""
+    with BlockReads(reader, workers, len(id_lists)) as pool:
+        yield from pool.map(id_lists, layers, codes=codes)
 
 
-def _executor(reader: CacheReader, workers: int, blocks: int) -> Executor:
-    if not uses_processes(reader, workers, blocks):
-        return ThreadPoolExecutor(max(1, workers))
-    # spawn, not fork: the parent runs torch's OpenMP threads, and a forked child that touches them can hang
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_adopt,
-                               initargs=(reader,))
+class _Read:
+    """A started read; ``result()`` copies a process's arrays into ``out`` where the caller gave one."""
+
+    def __init__(self, future: Future, out: Sequence[np.ndarray] | None) -> None:
+        self.future, self.out = future, out
+
+    def result(self) -> Any:
+        got = self.future.result()
+        if self.out is None:
+            return got
+        for dest, arr in zip(self.out, got, strict=True):
+            dest[...] = arr
+        return list(self.out)
 
 
 def _adopt(reader: CacheReader) -> None:
@@ -54,8 +99,9 @@ def _adopt(reader: CacheReader) -> None:
     _reader = reader
 
 
-def _call(read: Callable[..., Any], ids: list[int], layers: list[int] | None, reader: CacheReader | None) -> Any:
-    return read(reader if reader is not None else _reader, ids, layers)
+def _in_worker(read: Callable[..., Any], ids: list[int], layers: list[int] | None) -> Any:
+    assert _reader is not None, "a block-reading process without its reader"
+    return read(_reader, ids, layers)
 
 
 def _codes(reader: CacheReader, ids: list[int], layers: list[int] | None) -> list[StoredCodes]:
