@@ -311,9 +311,9 @@ def render(rows: list[dict], cmd: str, a: argparse.Namespace, machine: str) -> s
         lines += [f"### {enc}", "", "| method | trainable params | step s | epoch s | ratio vs cached | "
                   "step memory MiB | peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
-            ratio = r["epoch_s"] / base["epoch_s"] if base else float("nan")
+            ratio = f"{r['epoch_s'] / base['epoch_s']:.1f}x" if base else "(no cached row)"
             lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_s']:.2f} | "
-                         f"{r['epoch_s']:.1f}{'' if r['epoch_measured'] else ' (extrap.)'} | {ratio:.1f}x | "
+                         f"{r['epoch_s']:.1f}{'' if r['epoch_measured'] else ' (extrap.)'} | {ratio} | "
                          f"{r['mem_step_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
         paired = [r for r in rs if "x_full" in r]
         if paired:

@@ -39,7 +39,7 @@
 #      (6x the encoder work), last and hierarchical trained on them, paired with stage 7's cached rows.
 #   9  partial caching on the 1-hour subset (--online-encoders): hff-adapters --from-layer K for K = L/2 and 0,
 #      read from the same cache; K = L is stage 7's cached hierarchical row, adapters everywhere its online row;
-#      then K = L/2's further seeds.
+#      then the further seeds of both.
 #  10  summary tables and figures (hff-cache summary) into $exp/report/.
 #  11  cache v2 (issue 14): `hierarchical` on the 1-hour subset from fp16, then from train and valid
 #      transcoded to tpcape, tpcape-int8 (its int8 prediction), tpcap and tpca (all 0.25 B/value), with the
@@ -258,9 +258,11 @@ for enc in $online_encoders; do
     for k in $((top / 2)) 0; do
       train "$enc/subset_partial_k$k-s0" "${partial[@]}" --from-layer "$k" --seed 0
     done
-    for seed in $seeds; do  # K = L/2 is the best row so far: its further seeds
+    for seed in $seeds; do  # further seeds of both rows (K = L/2 is the best so far, K = 0 on hff-adapters')
       [ "$seed" = 0 ] && continue
-      train "$enc/subset_partial_k$((top / 2))-s$seed" "${partial[@]}" --from-layer "$((top / 2))" --seed "$seed"
+      for k in $((top / 2)) 0; do
+        train "$enc/subset_partial_k$k-s$seed" "${partial[@]}" --from-layer "$k" --seed "$seed"
+      done
     done
     done_stage 9 "$enc"
   fi
