@@ -106,3 +106,35 @@ def test_a_streamed_epoch_stopped_early_shuts_its_worker_processes_down(caches: 
     assert set(multiprocessing.active_children()) - before  # the epoch's reading processes
     batches.close()
     assert not set(multiprocessing.active_children()) - before
+
+
+SCRIPT_WITHOUT_MAIN_GUARD = """
+import sys
+import numpy as np
+from hff_cache.cache import CacheReader
+from hff_cache.cache.block_reads import read_blocks
+
+r = CacheReader(sys.argv[1])
+blocks = [[0, 1, 2], [3], [4, 5, 6, 7], [8, 9]]
+got = list(read_blocks(r, blocks, None, codes=False, workers=2))
+for ids, arrays in zip(blocks, got):
+    for a, b in zip(arrays, r.read_many(ids, dtype=np.float16)):
+        assert np.array_equal(a, b)
+print("read", sum(map(len, got)), "utterances")
+"""
+
+
+def test_a_script_without_a_main_guard_still_reads_by_threads_and_says_why(caches: dict[str, str],
+                                                                           tmp_path: Path) -> None:
+    """A spawned worker re-imports the script; without `if __name__ == "__main__":` it cannot start. The reads
+    fall back to threads with a warning that names the fix, and nothing read is lost."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(SCRIPT_WITHOUT_MAIN_GUARD)
+    done = subprocess.run([sys.executable, str(script), caches["tpcape"]], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"read {len(DURATIONS)} utterances"
+    assert "read by threads instead" in done.stderr and '__name__ == "__main__"' in done.stderr

@@ -10,8 +10,10 @@ decodes is copied once more, into the caller's arrays. Results come back in the 
 from __future__ import annotations
 
 import multiprocessing
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -34,7 +36,7 @@ class BlockReads:
     ``blocks``: about how many blocks it will read (one block does not pay for a process)."""
 
     def __init__(self, reader: CacheReader, workers: int, blocks: int) -> None:
-        self.reader = reader
+        self.reader, self.workers = reader, max(1, workers)
         self.processes = uses_processes(reader, workers, blocks)
         if self.processes:
             # spawn, not fork: the parent runs torch's OpenMP threads, and a forked child that touches them can
@@ -42,18 +44,34 @@ class BlockReads:
             self._pool: Any = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                   initializer=_adopt, initargs=(reader,))
         else:
-            self._pool = ThreadPoolExecutor(max(1, workers))
+            self._pool = ThreadPoolExecutor(self.workers)
 
     def submit(self, ids: Sequence[int], layers: Sequence[int] | None, *, codes: bool = False,
                out: Sequence[np.ndarray] | None = None) -> _Read:
         """Start reading ``ids``: ``reader.read_codes`` (``codes``) or ``reader.read_many`` as float16 (into
         ``out`` when given). ``.result()`` waits and returns what was read."""
         ids, layers = [int(i) for i in ids], None if layers is None else list(layers)
+        read = _codes if codes else _fp16
         if self.processes:
-            return _Read(self._pool.submit(_in_worker, _codes if codes else _fp16, ids, layers), out)
+            return _Read(self._pool.submit(_in_worker, read, ids, layers), out,
+                         lambda: self._without_processes(read, ids, layers))
         if codes:
             return _Read(self._pool.submit(self.reader.read_codes, ids, layers), None)
         return _Read(self._pool.submit(self.reader.read_many, ids, layers, dtype=np.float16, out=out), None)
+
+    def _without_processes(self, read: Callable[..., Any], ids: list[int], layers: list[int] | None) -> Any:
+        """A worker process died (killed, or it could not start: a script that starts reading at import,
+        without ``if __name__ == "__main__":``, re-runs itself in a spawned child): read here instead, and the
+        rest by threads."""
+        if self.processes:
+            self.processes = False
+            warnings.warn(f"{self.reader.url}: a block-reading process failed, so the blocks are read by threads "
+                          "instead (one core's speed for this codec). A script that reads a cache at import time "
+                          "needs `if __name__ == \"__main__\":` around it to use processes.", RuntimeWarning,
+                          stacklevel=4)
+            broken, self._pool = self._pool, ThreadPoolExecutor(self.workers)
+            broken.shutdown(wait=False, cancel_futures=True)
+        return read(self.reader, ids, layers)
 
     def map(self, id_lists: Sequence[Sequence[int]], layers: Sequence[int] | None, *, codes: bool) -> Iterator[Any]:
         """What ``submit`` reads for each list of ids, in order, every read started at once."""
@@ -80,13 +98,20 @@ def read_blocks(reader: CacheReader, id_lists: Sequence[Sequence[int]], layers: 
 
 
 class _Read:
-    """A started read; ``result()`` copies a process's arrays into ``out`` where the caller gave one."""
+    """A started read; ``result()`` copies a process's arrays into ``out`` where the caller gave one, and reads
+    in this thread (``fallback``) if the process pool broke."""
 
-    def __init__(self, future: Future, out: Sequence[np.ndarray] | None) -> None:
-        self.future, self.out = future, out
+    def __init__(self, future: Future, out: Sequence[np.ndarray] | None,
+                 fallback: Callable[[], Any] | None = None) -> None:
+        self.future, self.out, self.fallback = future, out, fallback
 
     def result(self) -> Any:
-        got = self.future.result()
+        try:
+            got = self.future.result()
+        except BrokenProcessPool:
+            if self.fallback is None:
+                raise
+            got = self.fallback()
         if self.out is None:
             return got
         for dest, arr in zip(self.out, got, strict=True):
