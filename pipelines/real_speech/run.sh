@@ -47,10 +47,13 @@
 #      seed and utterances. --codecs picks which of them; `--seeds "2" --codecs tpcape` adds one more pair to
 #      a finished stage (the stage's
 #      marker is written only when it ran every codec).
+#  12  gender's further seeds (--trait-seeds, default "2 3"): `hierarchical` and the probe of the best layer
+#      that the gender probes so far found, the trait where fusion's gain was inside the seed spread after
+#      stages 4-5's two seeds.
 set -euo pipefail
 
 stage=0
-stop_stage=11
+stop_stage=12
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 shared="${SHARED:-$repo/../shared/data}"
@@ -59,6 +62,7 @@ encoders="tiny.en base"
 seeds="0 1"
 epochs=20
 task_epochs=6   # stages 4-5: each probe layer and each non-ASR hierarchical run
+trait_seeds="2 3"  # stage 12: gender's further seeds
 online_encoders="tiny.en base"  # stage 7: the paper's table per encoder
 online_data=1h                  # stage 7 trains on: 1h (an evenly spaced hour of train) | full
 all_methods="hff-adapters full hff-frozen adapters bitfit"  # the paper's headline pair first
@@ -79,6 +83,7 @@ while [ $# -gt 0 ]; do
     --seeds) seeds="$2"; shift 2 ;;
     --epochs) epochs="$2"; shift 2 ;;
     --task-epochs) task_epochs="$2"; shift 2 ;;
+    --trait-seeds) trait_seeds="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
     --jobs) jobs="$2"; shift 2 ;;
     --online-encoders) online_encoders="$2"; shift 2 ;;
@@ -298,6 +303,22 @@ for enc in $encoders; do
       done
     done
     if [ "$codecs" = "$all_codecs" ]; then done_stage 11 "$enc"; else wait_runs; fi
+  fi
+done
+
+for enc in $encoders; do
+  if run_stage 12 "gender's further seeds ($enc)" "$enc"; then
+    csvs=("$exp/$enc"/probe_gender-s*/probe.csv)
+    if [ ! -f "${csvs[0]}" ]; then log "  no gender probe for $enc yet (stage 4): skipped"; continue; fi
+    # the layer with the best accuracy in any gender probe so far (stage 4's probes every layer)
+    layer="$(awk -F, 'FNR > 1 && (best == "" || $2 > best) { best = $2; layer = $1 } END { print layer }' "${csvs[@]}")"
+    for seed in $trait_seeds; do
+      # shellcheck disable=SC2046  # task_args's words are options
+      probe "$enc/probe_gender-s$seed" $(task_args gender "$enc") --layers "$layer" --seed "$seed"
+      train "$enc/gender_hierarchical-s$seed" $(task_args gender "$enc") --fusion hierarchical \
+        --epochs "$task_epochs" --seed "$seed"
+    done
+    done_stage 12 "$enc"
   fi
 done
 
