@@ -172,7 +172,7 @@ class TrainConfig:
     in_memory: bool | str = setting("auto", "auto | true | false: load the cache into RAM (auto: as float16 "
                                             "when it fits)")
     shuffle_frames: int = setting(100_000, "Frames pooled (then length-sorted) per shuffle window")
-    num_workers: int = setting(2, "Decode threads when streaming")
+    num_workers: int = setting(2, "Decode threads (processes for tpcae/tpcape) when loading or streaming")
     prefetch: int = setting(4, "Batches decoded ahead")
     loader_thread: bool | str = setting("auto", "auto | true | false: decode batches in a thread beside the "
                                                 "training step (auto: where the step leaves a core free: on a "
