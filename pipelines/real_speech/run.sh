@@ -50,10 +50,13 @@
 #  12  gender's further seeds (--trait-seeds, default "2 3"): `hierarchical` and the probe of the best layer
 #      that the gender probes so far found, the trait where fusion's gain was inside the seed spread after
 #      stages 4-5's two seeds.
+#  13  the speaker traits with the fusion started uniform (--top-init 0 --rung-gate-init none: every layer
+#      weighted alike at the start, no gate on the lower ladder), `hierarchical` for speaker id, child/adult
+#      and gender, --seeds; the default start is the top layer, where those traits are weakest.
 set -euo pipefail
 
 stage=0
-stop_stage=12
+stop_stage=13
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 shared="${SHARED:-$repo/../shared/data}"
@@ -319,6 +322,19 @@ for enc in $encoders; do
         --epochs "$task_epochs" --seed "$seed"
     done
     done_stage 12 "$enc"
+  fi
+done
+
+for enc in $encoders; do
+  if run_stage 13 "speaker traits, the fusion started uniform ($enc)" "$enc"; then
+    for seed in $seeds; do
+      for task in speaker age_group gender; do
+        # shellcheck disable=SC2046  # task_args's words are options
+        train "$enc/${task}_hierarchical-uniform-s$seed" $(task_args "$task" "$enc") --fusion hierarchical \
+          --top-init 0 --rung-gate-init none --epochs "$task_epochs" --seed "$seed"
+      done
+    done
+    done_stage 13 "$enc"
   fi
 done
 
