@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -191,10 +192,10 @@ class CacheBatches:
         offsets = self._own_offsets()
         mem = np.empty((int(offsets[-1]), self.num_layers, self.hidden_size), dtype=np.float16)
         with BlockReads(self.reader, self.num_workers, len(self.blocks)) as pool:
-            reads = [pool.submit(self.indices[b], self.layers, out=[mem[offsets[p]: offsets[p + 1]] for p in b])
-                     for b in self.blocks]
-            for read in reads:
-                read.result()
+            reads = deque(pool.submit(self.indices[b], self.layers, out=[mem[offsets[p]: offsets[p + 1]] for p in b])
+                          for b in self.blocks)
+            while reads:  # a process's arrays let go once copied into place
+                reads.popleft().result()
         self._mem, self._mem_offsets = mem, offsets
         self.resident_nbytes = mem.nbytes
 
@@ -208,18 +209,16 @@ class CacheBatches:
             return
         reads = read_blocks(self.reader, [self.indices[b] for b in self.blocks], layers, codes=True,
                             workers=self.num_workers)
-        done = [next(reads)]
         packed = self.reader.codec.packed_residency
-        res = [_ResidentLayer.allocate(c, int(offsets[-1]), len(self.indices), packed) for c in done[0]]
-        done += list(reads)
-        for block, codes in zip(self.blocks, done, strict=True):
+        res: list[_ResidentLayer] = []
+        for block, codes in zip(self.blocks, reads, strict=True):  # each block's codes placed, then let go
+            if not res:  # the first block's arrays give the shapes (and choose the packed widths)
+                res = [_ResidentLayer.allocate(c, int(offsets[-1]), len(self.indices), packed) for c in codes]
             lo, hi = int(offsets[block[0]]), int(offsets[block[-1] + 1])  # a block's positions are consecutive
             for r, c in zip(res, codes, strict=True):
                 for name, arr in c.rows.items():
                     r.rows[name][lo:hi] = arr
-        for block, codes in zip(self.blocks, done, strict=True):  # groups: merged here, in one thread
-            for r, c in zip(res, codes, strict=True):
-                r.add_groups(block, c)
+                r.add_groups(block, c)  # in this one thread, in the blocks' order
         for r in res:
             r.to_device(self.reader.codec, self.device)
         self._codes, self._mem_offsets = res, offsets

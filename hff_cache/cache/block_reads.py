@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -75,9 +76,9 @@ class BlockReads:
 
     def map(self, id_lists: Sequence[Sequence[int]], layers: Sequence[int] | None, *, codes: bool) -> Iterator[Any]:
         """What ``submit`` reads for each list of ids, in order, every read started at once."""
-        reads = [self.submit(ids, layers, codes=codes) for ids in id_lists]
-        for read in reads:
-            yield read.result()
+        reads = deque(self.submit(ids, layers, codes=codes) for ids in id_lists)
+        while reads:  # each read let go once handed over, so what was read is not held twice
+            yield reads.popleft().result()
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
