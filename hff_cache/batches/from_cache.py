@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -191,11 +190,10 @@ class CacheBatches:
             return
         offsets = self._own_offsets()
         mem = np.empty((int(offsets[-1]), self.num_layers, self.hidden_size), dtype=np.float16)
-        with BlockReads(self.reader, self.num_workers, len(self.blocks)) as pool:
-            reads = deque(pool.submit(self.indices[b], self.layers, out=[mem[offsets[p]: offsets[p + 1]] for p in b])
-                          for b in self.blocks)
-            while reads:  # a process's arrays let go once copied into place
-                reads.popleft().result()
+        outs = [[mem[offsets[p]: offsets[p + 1]] for p in b] for b in self.blocks]  # views: decoded into place
+        for _ in read_blocks(self.reader, [self.indices[b] for b in self.blocks], self.layers, codes=False,
+                             workers=self.num_workers, outs=outs):
+            pass
         self._mem, self._mem_offsets = mem, offsets
         self.resident_nbytes = mem.nbytes
 

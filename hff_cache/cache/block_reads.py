@@ -74,9 +74,12 @@ class BlockReads:
             broken.shutdown(wait=False, cancel_futures=True)
         return read(self.reader, ids, layers)
 
-    def map(self, id_lists: Sequence[Sequence[int]], layers: Sequence[int] | None, *, codes: bool) -> Iterator[Any]:
-        """What ``submit`` reads for each list of ids, in order, every read started at once."""
-        reads = deque(self.submit(ids, layers, codes=codes) for ids in id_lists)
+    def map(self, id_lists: Sequence[Sequence[int]], layers: Sequence[int] | None, *, codes: bool,
+            outs: Sequence[Sequence[np.ndarray]] | None = None) -> Iterator[Any]:
+        """What ``submit`` reads for each list of ids (into ``outs[i]`` when given), in order, every read started
+        at once."""
+        outs = outs if outs is not None else [None] * len(id_lists)
+        reads = deque(self.submit(ids, layers, codes=codes, out=out) for ids, out in zip(id_lists, outs, strict=True))
         while reads:  # each read let go once handed over, so what was read is not held twice
             yield reads.popleft().result()
 
@@ -91,11 +94,12 @@ class BlockReads:
 
 
 def read_blocks(reader: CacheReader, id_lists: Sequence[Sequence[int]], layers: Sequence[int] | None, *,
-                codes: bool, workers: int) -> Iterator[list[StoredCodes] | list[np.ndarray]]:
+                codes: bool, workers: int, outs: Sequence[Sequence[np.ndarray]] | None = None
+                ) -> Iterator[list[StoredCodes] | list[np.ndarray]]:
     """For each list of utterance indices, in order: ``reader.read_codes`` (``codes``) or ``reader.read_many``
-    as float16, by a ``BlockReads`` pool of ``workers``."""
+    as float16 (into ``outs[i]`` when given), by a ``BlockReads`` pool of ``workers``."""
     with BlockReads(reader, workers, len(id_lists)) as pool:
-        yield from pool.map(id_lists, layers, codes=codes)
+        yield from pool.map(id_lists, layers, codes=codes, outs=outs)
 
 
 class _Read:
