@@ -39,7 +39,7 @@ from hff_cache.batches.common import collate_targets, memory_available
 from hff_cache.batches.packed_levels import PackedLevels
 from hff_cache.cache.block_reads import BlockReads, read_blocks
 from hff_cache.cache.codecs import MAIN, Codec
-from hff_cache.cache.format import CHUNK_FRAMES
+from hff_cache.cache.format import CHUNK_FRAMES, is_url
 from hff_cache.cache.reader import StoredCodes
 from hff_cache.config import TrainConfig
 from hff_cache.model.batch import Batch
@@ -361,7 +361,7 @@ class CacheBatches:
         steps alone, 1.07x between steps; benchmarks/training_cost.py, docs/results.md)."""
         if self.loader_thread != "auto":
             return bool(self.loader_thread)
-        remote = "://" in str(self.reader.url)
+        remote = is_url(self.reader.url)
         return remote or self.device.type != "cpu" or torch.get_num_threads() < usable_cpus()
 
     def epoch(self, epoch: int) -> Iterator[Batch]:

@@ -53,6 +53,11 @@ class CacheLockedError(CacheWriteError):
     """Another live process is writing with the same worker label (see ``CacheWriter``'s lock)."""
 
 
+def is_url(path: object) -> bool:
+    """Is this cache location a URL (``s3://bucket/prefix``, read through fsspec) rather than a local path?"""
+    return "://" in str(path)
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

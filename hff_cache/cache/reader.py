@@ -28,6 +28,7 @@ from .format import (
     CacheFormatError,
     CacheMeta,
     cache_id,
+    is_url,
     layer_name,
     parse_part_id,
     side_name,
@@ -40,7 +41,7 @@ from .rows import features_array, open_array
 def open_store(url: str, storage_options: dict | None = None, read_only: bool = True) -> Store:
     """FsspecStore for URLs (``s3://bucket/prefix``), LocalStore for plain paths."""
     url = os.fspath(url)
-    if "://" in url:
+    if is_url(url):
         return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
     if storage_options:
         raise ValueError(f"storage_options given for a local path {url!r}; they apply only to URLs")

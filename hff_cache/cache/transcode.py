@@ -35,6 +35,7 @@ from .format import (
     CacheMismatchError,
     CodecSpec,
     check_compatible,
+    is_url,
 )
 from .reader import CacheReader, PartInfo, load_root_meta, open_array, open_store
 from .verify import verify_cache
@@ -109,12 +110,12 @@ def transcode_cache(src: str | os.PathLike[str], dst: str | os.PathLike[str], co
 
 
 def _options(url: str, storage_options: dict | None) -> dict | None:
-    return storage_options if "://" in url else None  # a local SRC or DST beside a remote one takes none
+    return storage_options if is_url(url) else None  # a local SRC or DST beside a remote one takes none
 
 
 def _check_paths(src: str, dst: str, storage_options: dict | None) -> None:
     """DST must not be SRC (nor inside it: the source would gain names that are not part of its format)."""
-    if "://" in src or "://" in dst:
+    if is_url(src) or is_url(dst):
         a, b, sep = src.rstrip("/"), dst.rstrip("/"), "/"
     else:
         if storage_options:
@@ -141,7 +142,7 @@ def _target_spec(source: CacheReader, name: str, params: dict[str, Any]) -> Code
 
 def _check_dst(dst: str, opts: dict | None, target: CacheMeta, source: CacheReader) -> None:
     """Refuse a DST that holds anything but (a part of) this very transcode; a new or empty DST passes."""
-    if "://" not in dst and os.path.exists(dst) and not os.path.isdir(dst):
+    if not is_url(dst) and os.path.exists(dst) and not os.path.isdir(dst):
         raise CacheFormatError(f"DST {dst} is a file, not a cache folder; choose another DST")
     try:
         store = open_store(dst, opts, read_only=True)

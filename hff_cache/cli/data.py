@@ -101,10 +101,11 @@ def verify(
     from pathlib import Path
 
     from hff_cache.cache import CacheFormatError
+    from hff_cache.cache.format import is_url
     from hff_cache.cache.verify import verify_cache
 
     # a run directory is known by its config.json; tested by name, so verifying a cache never imports torch
-    if "://" not in cache and (Path(cache) / "config.json").is_file():
+    if not is_url(cache) and (Path(cache) / "config.json").is_file():
         from hff_cache.runs.verify import verify_run
 
         run_rep = verify_run(cache)

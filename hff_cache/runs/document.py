@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from hff_cache.cache.format import is_url
 from hff_cache.config import REDACTED, TrainConfig, to_dict
 from hff_cache.model.hff import ModelSpec
 from hff_cache.tasks.task import Task
@@ -41,7 +42,7 @@ def redact(options: dict[str, Any]) -> dict[str, Any]:
 
 def storage_options_for(url: str, cfg: TrainConfig) -> dict[str, Any] | None:
     """The run's fsspec options for a URL cache; none for local paths (the reader refuses them there)."""
-    return dict(cfg.storage_options) if "://" in str(url) and cfg.storage_options else None
+    return dict(cfg.storage_options) if is_url(url) and cfg.storage_options else None
 
 
 @dataclass
