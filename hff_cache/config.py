@@ -26,6 +26,7 @@ from hff_cache.cache.codecs import CODECS
 from hff_cache.cache.format import SHARD_FRAMES
 from hff_cache.encoders.whisper import WINDOWS as WHISPER_WINDOWS
 from hff_cache.model.adapters import METHODS
+from hff_cache.model.downstream import DOWNSTREAMS
 from hff_cache.model.fusion import FusionConfig, parse_kind
 from hff_cache.tasks.task import check_task_name, task_choices
 from hff_cache.tasks.tokenizers import parse_units
@@ -221,6 +222,7 @@ class TrainConfig:
         if self.units != "char" and self.task != "asr":
             raise ValueError(f"--units {self.units} is for --task asr (a {self.task} task has its own symbols)")
         parse_kind(self.fusion.kind)
+        _one_of("downstream", self.fusion.downstream, tuple(DOWNSTREAMS))
         _one_of("method", self.method, METHODS)
         _one_of("normalize", self.normalize, ("none", "stats"))
         _one_of("lr_schedule", self.lr_schedule, ("cosine", "constant"))

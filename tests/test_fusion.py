@@ -8,6 +8,8 @@ from hff_cache.runtime.tensors import length_mask as lengths_to_mask
 
 L, D, W = 5, 12, 16
 KINDS = ["last", "single:1", "single:-2", "weighted", "hierarchical"]
+# every fusion with the default conv downstream, and the lstm downstream behind two of them
+CASES = [(k, "conv") for k in KINDS] + [("last", "lstm"), ("hierarchical", "lstm")]
 
 
 def make(kind: str, **kw) -> FusionNetwork:
@@ -25,9 +27,9 @@ def batch(b: int = 3, t: int = 11, seed: int = 1) -> tuple[torch.Tensor, torch.T
     return feats, lengths
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_shape_and_padding_zero(kind):
-    model = make(kind).eval()
+@pytest.mark.parametrize("kind,downstream", CASES)
+def test_shape_and_padding_zero(kind, downstream):
+    model = make(kind, downstream=downstream).eval()
     feats, lengths = batch()
     out = model(feats, lengths)
     assert out.shape == (3, 11, W)
@@ -36,9 +38,9 @@ def test_shape_and_padding_zero(kind):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_gradients_reach_every_parameter(kind):
-    model = make(kind).train()
+@pytest.mark.parametrize("kind,downstream", CASES)
+def test_gradients_reach_every_parameter(kind, downstream):
+    model = make(kind, downstream=downstream).train()
     feats, lengths = batch()
     model(feats, lengths).pow(2).sum().backward()
     for name, p in model.named_parameters():
@@ -46,9 +48,9 @@ def test_gradients_reach_every_parameter(kind):
         assert p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_padding_does_not_leak(kind):
-    model = make(kind).eval()
+@pytest.mark.parametrize("kind,downstream", CASES)
+def test_padding_does_not_leak(kind, downstream):
+    model = make(kind, downstream=downstream).eval()
     feats, lengths = batch()
     mask = lengths_to_mask(lengths, feats.shape[1])
     other = feats.clone()
@@ -136,6 +138,24 @@ def test_downstream_identical_across_kinds():
         p.requires_grad_(False)
     assert count_parameters(model) == counts["last"]
     assert count_parameters(model, trainable_only=False) == totals["last"]
+
+
+def test_lstm_downstream_sees_the_whole_utterance():
+    """A conv block sees kernel // 2 frames each side; the lstm's first frame depends on the last one."""
+    feats, lengths = batch(b=1, t=11)
+    for downstream, reaches in (("conv", False), ("lstm", True)):
+        model = make("last", downstream=downstream).eval()
+        other = feats.clone()
+        other[0, -1] = torch.randn_like(other[0, -1])
+        first = model(feats, lengths)[0, 0], model(other, lengths)[0, 0]
+        assert (not torch.allclose(*first)) == reaches, downstream
+
+
+def test_unknown_downstream_and_odd_lstm_width_refused():
+    with pytest.raises(ValueError, match="unknown downstream 'gru'; choose one of conv, lstm"):
+        make("last", downstream="gru")
+    with pytest.raises(ValueError, match="width must be even"):
+        build_model_body(FusionConfig(kind="last", width=15, downstream="lstm"), L, D)
 
 
 def test_accepts_half_precision_input():

@@ -1,4 +1,4 @@
-"""Building blocks every fusion shares: the residual conv block, the downstream, per-layer normalisation."""
+"""Building blocks every fusion and downstream shares: the residual conv block, per-layer normalisation."""
 
 from __future__ import annotations
 
@@ -38,17 +38,3 @@ class ResidualConvBlock(nn.Module):
         y = self.conv(y.transpose(1, 2)).transpose(1, 2)
         y = self.drop(self.proj(F.gelu(y)))
         return (x + y).masked_fill(~mask[..., None], 0.0)
-
-
-class Downstream(nn.Module):
-    """``blocks`` residual blocks + final LayerNorm; shared by all fusion kinds."""
-
-    def __init__(self, width: int, blocks: int, kernel: int, dropout: float) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(ResidualConvBlock(width, kernel, dropout) for _ in range(blocks))
-        self.norm = nn.LayerNorm(width)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.norm(x).masked_fill(~mask[..., None], 0.0)

@@ -9,8 +9,8 @@ Kinds (``FusionConfig.kind``):
 * ``weighted`` -- softmax-weighted sum over all layers (SUPERB featurizer), projected D->d.
 * ``hierarchical`` -- HFF ladder over G contiguous groups (see ``HierarchicalFusion``).
 
-Every kind feeds the *same* ``Downstream`` (``blocks`` residual blocks of width d + LayerNorm), so a
-benchmark compares fusion against fusion, not model size.
+Every kind feeds the *same* downstream (``model/downstream.py``: ``blocks`` residual conv blocks of width d, or
+bidirectional LSTM layers, + LayerNorm), so a benchmark compares fusion against fusion, not model size.
 
 "Never worse than the best input" (measured on Whisper base: last layer 49 WER, uniform weighted sum 59,
 naive 4-group ladder 63). Three defaults address it, each switchable for ablations:
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from hff_cache.model.blocks import Downstream
+from hff_cache.model.downstream import DOWNSTREAMS, build_downstream
 from hff_cache.model.fusions.hierarchical import HierarchicalFusion
 from hff_cache.model.fusions.select import SelectFusion
 from hff_cache.model.fusions.weighted import WeightedFusion
@@ -66,7 +66,11 @@ class FusionConfig:
     kind: str = field(default="hierarchical", metadata={"help": f"Fusion kind: {fusion_choices()}"})
     groups: int = field(default=4, metadata={"help": "Hierarchical groups G (clipped to the layers read)"})
     width: int = field(default=256, metadata={"help": "Fusion/downstream width d"})
-    blocks: int = field(default=2, metadata={"help": "Downstream residual blocks (the same for every kind)"})
+    downstream: str = field(default="conv", metadata={
+        "help": f"Downstream body after the fusion: {' | '.join(DOWNSTREAMS)} (conv: residual depthwise-conv "
+                "blocks, local context; lstm: bidirectional LSTM layers, the whole utterance)"})
+    blocks: int = field(default=2, metadata={"help": "Downstream blocks: conv blocks or LSTM layers (the same for "
+                                                     "every fusion kind)"})
     kernel: int = field(default=5, metadata={"help": "Depthwise conv kernel (odd)"})
     dropout: float = field(default=0.1, metadata={"help": "Dropout"})
     layer_norm: bool = field(default=True, metadata={"help": "Parameter-free LayerNorm per layer before mixing"})
@@ -129,7 +133,7 @@ class FusionNetwork(nn.Module):
         self.hidden_size = hidden_size
         self.out_width = cfg.width
         self.fusion = build_fusion(cfg, num_layers, hidden_size)
-        self.downstream = Downstream(cfg.width, cfg.blocks, cfg.kernel, cfg.dropout)
+        self.downstream = build_downstream(cfg.downstream, cfg.width, cfg.blocks, cfg.kernel, cfg.dropout)
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if feats.dim() != 4 or feats.shape[2] != self.num_layers or feats.shape[3] != self.hidden_size:
