@@ -151,6 +151,29 @@ def test_lstm_downstream_sees_the_whole_utterance():
         assert (not torch.allclose(*first)) == reaches, downstream
 
 
+def test_lstm_downstream_equals_a_packed_bidirectional_lstm():
+    """Two one-way LSTMs over the padded batch, the backward one on each utterance reversed within its length,
+    compute exactly what torch's packed bidirectional LSTM does with the same weights."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from hff_cache.model.downstream import LSTMDownstream
+
+    torch.manual_seed(0)
+    ours = LSTMDownstream(W, blocks=2, kernel=3, dropout=0.0).eval()
+    packed = torch.nn.LSTM(W, W // 2, num_layers=2, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for layer in range(2):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(packed, f"{name}_l{layer}").copy_(getattr(ours.forwards[layer], f"{name}_l0"))
+                getattr(packed, f"{name}_l{layer}_reverse").copy_(getattr(ours.backwards[layer], f"{name}_l0"))
+    x, lengths = torch.randn(3, 11, W), torch.tensor([11, 7, 3])
+    mask = lengths_to_mask(lengths, 11)
+    y, _ = pad_packed_sequence(packed(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))[0],
+                               batch_first=True, total_length=11)
+    expected = ours.norm(x + y)
+    torch.testing.assert_close(ours(x, mask)[mask], expected[mask], rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_downstream_and_odd_lstm_width_refused():
     with pytest.raises(ValueError, match="unknown downstream 'gru'; choose one of conv, lstm"):
         make("last", downstream="gru")

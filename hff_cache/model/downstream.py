@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from hff_cache.model.blocks import ResidualConvBlock
 
@@ -39,28 +38,43 @@ class ConvDownstream(nn.Module):
 
 
 class LSTMDownstream(nn.Module):
-    """x + Dropout(BiLSTM(x)) then LayerNorm; ``blocks`` stacked LSTM layers (``kernel`` is unused).
+    """x + Dropout(BiLSTM(x)) then LayerNorm; ``blocks`` stacked layers (``kernel`` is unused).
 
-    Utterances are packed by length, so a padded frame never enters a valid frame's state in either direction,
-    and the batch's padding costs no steps."""
+    Each direction is a one-way LSTM over the padded batch; the backward one reads every utterance reversed
+    within its own length. So a padded frame never reaches a valid one, and the CPU runs its fused LSTM kernel:
+    a packed sequence would do the same exactly, at 5-7x the time of a training step on a CPU."""
 
     def __init__(self, width: int, blocks: int, kernel: int, dropout: float) -> None:
         super().__init__()
         if width % 2:
             raise ValueError(f"the lstm downstream splits width between two directions: width must be even, "
                              f"got {width}")
-        self.lstm = (nn.LSTM(width, width // 2, num_layers=blocks, batch_first=True, bidirectional=True,
-                             dropout=dropout if blocks > 1 else 0.0) if blocks else None)
+        def one_way() -> nn.ModuleList:
+            return nn.ModuleList(nn.LSTM(width, width // 2, batch_first=True) for _ in range(blocks))
+
+        self.forwards, self.backwards = one_way(), one_way()
         self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.lstm is not None:
-            lengths = mask.sum(1).clamp(min=1).cpu()  # pack needs lengths on the CPU, and none of 0
-            packed = pack_padded_sequence(_zero_padding(x, mask), lengths, batch_first=True, enforce_sorted=False)
-            y, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])
-            x = x + self.drop(y)
+        if len(self.forwards):
+            reverse = _reversed_within_length(mask)
+            h = _zero_padding(x, mask)
+            for i, (ahead, back) in enumerate(zip(self.forwards, self.backwards, strict=True)):
+                h = self.drop(h) if i else h  # between layers, as nn.LSTM's dropout
+                h = torch.cat([ahead(h)[0], _gather_frames(back(_gather_frames(h, reverse))[0], reverse)], -1)
+            x = x + self.drop(h)
         return _zero_padding(self.norm(x), mask)
+
+
+def _reversed_within_length(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) frame indices that reverse each utterance's valid frames and leave its padding in place."""
+    t = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, mask.sum(1, keepdim=True) - 1 - t, t)
+
+
+def _gather_frames(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, index[..., None].expand_as(x))
 
 
 # The registry: name -> class. A new downstream is one class plus one line here.
