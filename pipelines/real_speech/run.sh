@@ -53,10 +53,14 @@
 #  13  the speaker traits with the fusion started uniform (--top-init 0 --rung-gate-init none: every layer
 #      weighted alike at the start, no gate on the lower ladder), `hierarchical` for speaker id, child/adult
 #      and gender, --seeds; the default start is the top layer, where those traits are weakest.
+#  14  base only, towards LibriSpeech 5652 below 35%: `last` with heavier SpecAugment (and dropout 0.3), with
+#      subword units (bpe:256), with more context after the fusion (6 conv blocks of kernel 15; the lstm
+#      downstream), and how WER grows with in-domain speech: `last` on 1/4, 1/2 and all of LibriSpeech's
+#      50 training minutes alone, each for the all-data run's ~1,400 steps; then evaluates them per domain.
 set -euo pipefail
 
 stage=0
-stop_stage=13
+stop_stage=14
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 shared="${SHARED:-$repo/../shared/data}"
@@ -197,19 +201,22 @@ for stage_seed in 4:0 5:1; do
   done
 done
 
+evaluate_runs() {  # evaluate_runs ENC: every finished run of ENC not evaluated since it last trained
+  local run
+  for run in "$exp/$1"/*/; do
+    [ -f "$run/metrics.json" ] || continue
+    [ "$run/eval/valid/metrics.json" -nt "$run/metrics.json" ] && continue
+    case "$run" in
+      */speaker_*|*/probe_*) continue ;;  # speaker id validates on the training cache's held-out utterances
+      *online_*) hff-cache evaluate "$run" --data "$m/valid.jsonl" --group-by corpus > /dev/null ;;
+      *) hff-cache evaluate "$run" --cache "$exp/caches/$1/valid.zarr" --group-by corpus > /dev/null ;;
+    esac
+  done
+}
+
 for enc in $encoders; do
   # no done-marker: each finished run is evaluated once (again when it trained on after its evaluation)
-  if run_stage 6 "per-domain evaluation ($enc)"; then
-    for run in "$exp/$enc"/*/; do
-      [ -f "$run/metrics.json" ] || continue
-      [ "$run/eval/valid/metrics.json" -nt "$run/metrics.json" ] && continue
-      case "$run" in
-        */speaker_*|*/probe_*) continue ;;  # speaker id validates on the training cache's held-out utterances
-        *online_*) hff-cache evaluate "$run" --data "$m/valid.jsonl" --group-by corpus > /dev/null ;;
-        *) hff-cache evaluate "$run" --cache "$exp/caches/$enc/valid.zarr" --group-by corpus > /dev/null ;;
-      esac
-    done
-  fi
+  if run_stage 6 "per-domain evaluation ($enc)"; then evaluate_runs "$enc"; fi
 done
 
 online() {  # online ENC RUN TRAIN_MANIFEST [options...]
@@ -335,6 +342,29 @@ for enc in $encoders; do
       done
     done
     done_stage 13 "$enc"
+  fi
+done
+
+for enc in $encoders; do
+  [ "$enc" = base ] || continue  # the LibriSpeech goal is base's
+  if run_stage 14 "towards LibriSpeech below 35% ($enc): regularisation, subwords, context, in-domain data" "$enc"; then
+    asr=(--cache "$exp/caches/$enc/train.zarr" --valid-cache "$exp/caches/$enc/valid.zarr" --fusion last --seed 0)
+    train "$enc/asr_last-spec-s0" "${asr[@]}" --spec-time-masks 4 --spec-feat-masks 2 --spec-feat-width 64
+    train "$enc/asr_last-specdrop-s0" "${asr[@]}" --spec-time-masks 4 --spec-feat-masks 2 --spec-feat-width 64 \
+      --dropout 0.3
+    train "$enc/asr_last-bpe256-s0" "${asr[@]}" --units bpe:256
+    train "$enc/asr_last-deep-s0" "${asr[@]}" --blocks 6 --kernel 15
+    train "$enc/asr_last-lstm-s0" "${asr[@]}" --downstream lstm
+    # the learning curve: LibriSpeech's 248 training utterances (50 min) and evenly spaced 1/2 and 1/4 of
+    # them, alone; epochs x utterances held at 80 x 248, the ~1,400 steps of the 20 epochs on all 204 min
+    for n in 62 124 248; do
+      hff-cache manifest "$m/libri_train.jsonl" --max-utts "$n" --out "$exp/labels/libri_$n.jsonl" > /dev/null
+      train "$enc/asr_last-libri$n-s0" "${asr[@]}" --labels "$exp/labels/libri_$n.jsonl" \
+        --valid-labels "$m/valid.jsonl" --epochs $((80 * 248 / n)) --eval-every $((8 * 248 / n))
+    done
+    wait_runs
+    evaluate_runs "$enc"
+    done_stage 14 "$enc"
   fi
 done
 
