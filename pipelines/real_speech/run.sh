@@ -357,10 +357,11 @@ for enc in $encoders; do
     train "$enc/asr_last-lstm-s0" "${asr[@]}" --downstream lstm
     # the learning curve: LibriSpeech's 248 training utterances (50 min) and evenly spaced 1/2 and 1/4 of
     # them, alone; epochs x utterances held at 80 x 248, the ~1,400 steps of the 20 epochs on all 204 min
-    for n in 62 124 248; do
+    for n_seed in 62:0 124:0 248:0 248:1; do  # a second seed where it meets the all-data row
+      n="${n_seed%:*}" seed="${n_seed#*:}"
       hff-cache manifest "$m/libri_train.jsonl" --max-utts "$n" --out "$exp/labels/libri_$n.jsonl" > /dev/null
-      train "$enc/asr_last-libri$n-s0" "${asr[@]}" --labels "$exp/labels/libri_$n.jsonl" \
-        --valid-labels "$m/valid.jsonl" --epochs $((80 * 248 / n)) --eval-every $((8 * 248 / n))
+      train "$enc/asr_last-libri$n-s$seed" "${asr[@]}" --labels "$exp/labels/libri_$n.jsonl" \
+        --valid-labels "$m/valid.jsonl" --epochs $((80 * 248 / n)) --eval-every $((8 * 248 / n)) --seed "$seed"
     done
     wait_runs
     evaluate_runs "$enc"
